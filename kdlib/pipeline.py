@@ -170,3 +170,25 @@ def run_profile(
             ) from None
         done.append(out)
     return done
+
+
+def strip_outputs(path: str | Path) -> bool:
+    """Remove outputs and execution counts from a notebook in place; True when it changed."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    changed = False
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        if cell.get("outputs") or cell.get("execution_count") is not None:
+            changed = True
+        cell["outputs"], cell["execution_count"] = [], None
+        for key in ("execution", "papermill"):
+            if cell.metadata.pop(key, None) is not None:
+                changed = True
+    if nb.metadata.pop("papermill", None) is not None:
+        changed = True
+    if changed:
+        nbformat.write(nb, str(path))
+    return changed
