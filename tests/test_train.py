@@ -1,0 +1,267 @@
+"""kdlib.train: config validation, the loop, teachers and students end to end, resume, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from helpers_train import make_cache, tiny_config, write_splits
+
+import kdlib.data.loader
+import kdlib.losses
+import kdlib.runs
+import kdlib.train
+from kdlib import CLASSES
+from kdlib.errors import ConfigError, DataError, RunError
+from kdlib.models import create_model
+from kdlib.runs import RUN_FILES, load_history, load_predictions, run_id
+from kdlib.train import FrozenTeacher, TrainConfig, fit, load_train_config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    cache = make_cache(root, n_hgg=6, n_lgg=6, slices=4, size=16)
+    return cache, write_splits(cache, root / "splits.csv")
+
+
+@pytest.fixture(scope="module")
+def teacher(data, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    return fit(tiny_config(*data, model="cnn_s"), runs, progress=False)
+
+
+def _same_run(a, b):
+    assert (a / "metrics.json").read_bytes() == (b / "metrics.json").read_bytes()
+    assert (a / "predictions.csv").read_bytes() == (b / "predictions.csv").read_bytes()
+    ha, hb = load_history(a).drop(columns="time_s"), load_history(b).drop(columns="time_s")
+    pd.testing.assert_frame_equal(ha, hb, check_exact=True)
+    sa = torch.load(a / "model.pt", weights_only=True)
+    sb = torch.load(b / "model.pt", weights_only=True)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_defaults_roundtrip_and_yaml(data, tmp_path):
+    cfg = TrainConfig.from_dict(tiny_config(*data, lr="1e-3", ratio=4))
+    assert cfg.lr == 1e-3 and cfg.ratio == 4.0 and cfg.modalities == ("flair", "t1")
+    assert cfg.augment.enabled and cfg.select_metric == "macro_f1" and cfg.sampler == "none"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert load_train_config(path) == cfg == load_train_config(cfg.to_dict())
+    assert len({cfg, load_train_config(path)}) == 1
+    off = TrainConfig.from_dict(tiny_config(*data, augment=False))
+    assert not off.augment.enabled
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"modle": "cnn_s"}, r"unknown setting.*modle.*valid settings"),
+    ({"model": "resnet1"}, r"unknown model 'resnet1'.*resnet18"),
+    ({"task_loss": "ce2"}, r"task_loss='ce2'.*weighted_ce"),
+    ({"distiller": "fitnet", "teacher": "x"}, r"distiller='fitnet'.*dkd"),
+    ({"distiller": "kd"}, r"needs a teacher"),
+    ({"teacher": "some-run"}, r"distiller is None"),
+    ({"task_loss": "ldam_drw", "posthoc_tau": 1.0}, r"prior twice"),
+    ({"sampler": "oversample", "posthoc_tau": 1.0}, r"resampled"),
+    ({"sampler": "smote"}, r"sampler='smote'.*undersample"),
+    ({"modalities": ["flair", "dwi"]}, r"modalities='dwi'.*t1ce"),
+    ({"epochs": 0}, r"epochs=0"),
+    ({"lr": "fast"}, r"lr=.fast. must be a number"),
+    ({"augment": {"flip": True, "mixup": 1}}, r"mixup.*augment"),
+    ({"loss_params": {"gamma": 2}}, r"gamma.*task_loss='ce'"),
+    ({"task_loss": "focal", "loss_params": {"gamma": -1}}, r"gamma=-1"),
+    ({"cache_teacher_logits": True}, r"needs a distiller"),
+    ({"select_metric": "auc"}, r"select_metric='auc'.*macro_f1"),
+    ({"ratio": 0.5}, r"ratio=0.5"),
+])
+def test_config_errors_name_the_setting(data, over, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict(tiny_config(*data, **over))
+
+
+def test_frozen_teacher_stays_in_eval_mode():
+    t = FrozenTeacher(create_model("cnn_xs", in_channels=2))
+    t.train()
+    assert not t.training and not t.model.training
+    assert not any(p.requires_grad for p in t.parameters())
+    assert not t(torch.randn(3, 2, 16, 16)).requires_grad
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_teacher_run_folder(teacher):
+    assert teacher.name.startswith("cnn_s-ce-f0-rnat-s0-")
+    assert sorted(p.name for p in teacher.iterdir()) == sorted(RUN_FILES)
+    pred = load_predictions(teacher)
+    assert list(pred.columns) == ["subject_id", "slice", "label", *(f"p_{c}" for c in CLASSES),
+                                  *(f"z_{c}" for c in CLASSES)]
+    assert pred[[f"p_{c}" for c in CLASSES]].sum(axis=1).sub(1).abs().max() < 1e-6
+    m = json.loads((teacher / "metrics.json").read_text())
+    for key in ("macro_f1", "f1_LGG", "recall_LGG", "patient_balanced_accuracy", "best_epoch",
+                "params", "train_n_LGG", "n_train_subjects", "n_test_slices", "n_val_slices"):
+        assert key in m
+    hist = load_history(teacher)
+    for col in ("epoch", "lr", "train_loss", "train_task", "val_loss", "val_macro_f1",
+                "val_balanced_accuracy", "val_f1_LGG", "val_recall_LGG", "time_s"):
+        assert col in hist
+    assert len(hist) == 2
+    env = json.loads((teacher / "env.json").read_text())
+    assert {"python", "torch", "torchvision", "git_commit", "device", "hostname"} <= set(env)
+    assert yaml.safe_load((teacher / "config.yaml").read_text())["model"] == "cnn_s"
+    assert torch.load(teacher / "model.pt", weights_only=True)  # weights-only loadable
+
+
+@pytest.mark.parametrize("distiller, cached", [("kd", False), ("dkd", True)])
+def test_distilled_student_end_to_end(data, teacher, tmp_path, distiller, cached):
+    cfg = tiny_config(*data, distiller=distiller, teacher=str(teacher), cache_teacher_logits=cached)
+    path = fit(cfg, tmp_path, progress=False)
+    hist = load_history(path)
+    terms = ["train_kd"] if distiller == "kd" else ["train_tckd", "train_nckd"]
+    assert all(t in hist for t in terms) and (hist[terms[0]] > 0).all()
+    m = json.loads((path / "metrics.json").read_text())
+    assert m["teacher_params"] > m["params"] > 0
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_posthoc_adjustment_applies_to_probabilities(data, tmp_path):
+    path = fit(tiny_config(*data, posthoc_tau=1.0, epochs=1), tmp_path, progress=False)
+    pred, m = load_predictions(path), json.loads((path / "metrics.json").read_text())
+    counts = torch.tensor([m[f"train_n_{c}"] for c in CLASSES], dtype=torch.float64)
+    z = torch.tensor(pred[[f"z_{c}" for c in CLASSES]].to_numpy())
+    p = torch.softmax(z - torch.log(counts / counts.sum()), dim=1)
+    assert torch.allclose(p, torch.tensor(pred[[f"p_{c}" for c in CLASSES]].to_numpy()), atol=1e-6)
+
+
+def test_early_stopping_keeps_the_best_epoch(data, tmp_path, monkeypatch):
+    real, f1 = kdlib.train.validation_scores, iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.9])
+
+    def scores(*args):
+        return {**real(*args), "macro_f1": next(f1)}
+
+    monkeypatch.setattr(kdlib.train, "validation_scores", scores)
+    path = fit(tiny_config(*data, epochs=6, patience=2), tmp_path, progress=False)
+    m = json.loads((path / "metrics.json").read_text())
+    assert (m["best_epoch"], m["epochs_run"]) == (2, 4)
+    assert load_history(path)["val_macro_f1"].tolist() == [0.5, 0.7, 0.6, 0.65]
+
+
+def test_teacher_by_run_id_in_the_same_runs_dir(data, teacher):
+    cfg = tiny_config(*data, distiller="bkd", teacher=teacher.name, epochs=1)
+    assert fit(cfg, teacher.parent, progress=False).parent == teacher.parent
+
+
+def test_same_seed_same_numbers_and_skip_finished(data, tmp_path, monkeypatch):
+    cfg = tiny_config(*data, sampler="oversample", task_loss="focal")
+    a = fit(cfg, tmp_path / "a", progress=False)
+    b = fit(cfg, tmp_path / "b", progress=False)
+    _same_run(a, b)
+    stamp = (a / "metrics.json").stat().st_mtime_ns
+    monkeypatch.setattr("kdlib.train._fit", lambda *a, **k: pytest.fail("finished run retrained"))
+    assert fit(cfg, tmp_path / "a", progress=False) == a
+    assert (a / "metrics.json").stat().st_mtime_ns == stamp
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(monkeypatch, call: int):
+    """Make the `call`-th augmented batch raise (mid-epoch), like a killed process."""
+    real, count = kdlib.data.loader.augment_batch, [0]
+
+    def augment(*args, **kw):
+        count[0] += 1
+        if count[0] == call:
+            raise Interrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(kdlib.data.loader, "augment_batch", augment)
+
+
+def test_interrupted_run_resumes_to_identical_numbers(data, tmp_path, monkeypatch):
+    cfg = tiny_config(*data, epochs=3, warmup_epochs=1)
+    straight = fit(cfg, tmp_path / "straight", progress=False)
+    _interrupt_at(monkeypatch, 4)  # 2 steps per epoch: the second step of epoch 2
+    with pytest.raises(Interrupt):
+        fit(cfg, tmp_path / "resumed", progress=False)
+    tmp = tmp_path / "resumed" / f".tmp-{run_id(load_train_config(cfg))}"
+    ckpt = torch.load(tmp / "checkpoint.pt", weights_only=True)
+    assert ckpt["state"]["epoch"] == 1
+    monkeypatch.undo()
+    resumed = fit(cfg, tmp_path / "resumed", progress=False)
+    assert not tmp.exists()
+    _same_run(straight, resumed)
+
+
+def test_resume_refuses_changed_data_or_config(data, tmp_path, monkeypatch):
+    cache, splits = data
+    own = shutil.copy(splits, tmp_path / "splits.csv")
+    cfg = tiny_config(cache, own)
+    _interrupt_at(monkeypatch, 3)
+    with pytest.raises(Interrupt):
+        fit(cfg, tmp_path, progress=False)
+    monkeypatch.undo()
+    df = pd.read_csv(own)
+    df.loc[df.fold >= 0, "fold"] = 1 - df.loc[df.fold >= 0, "fold"]
+    df.to_csv(own, index=False)
+    with pytest.raises(RunError, match=r"cannot resume.*splits"):
+        fit(cfg, tmp_path, progress=False)
+    shutil.copy(splits, own)
+    monkeypatch.setattr(kdlib.runs, "run_id", lambda c: run_id(load_train_config(cfg)))
+    with pytest.raises(RunError, match=r"cannot resume.*lr"):
+        fit({**cfg, "lr": 0.1}, tmp_path, progress=False)
+
+
+def test_nan_loss_stops_naming_epoch_and_step_and_keeps_checkpoint(data, tmp_path, monkeypatch):
+    real = kdlib.losses.build_criterion
+
+    def build(*args, **kw):
+        crit, calls = real(*args, **kw), [0]
+
+        def criterion(zs, y, zt=None, epoch=0):
+            out = crit(zs, y, zt, epoch=epoch)
+            calls[0] += 1
+            if calls[0] == 4:  # epoch 2, step 2
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        return criterion
+
+    monkeypatch.setattr(kdlib.losses, "build_criterion", build)
+    cfg = tiny_config(*data, epochs=3)
+    match = r"nan at epoch 2, step 2 of 2.*checkpoint \(epoch 1\) is kept"
+    with pytest.raises(RunError, match=match):
+        fit(cfg, tmp_path, progress=False)
+    tmp = tmp_path / f".tmp-{run_id(load_train_config(cfg))}"
+    assert torch.load(tmp / "checkpoint.pt", weights_only=True)["state"]["epoch"] == 1
+    assert not (tmp_path / tmp.name[5:]).exists()
+
+
+def test_missing_files_and_bad_teachers(data, teacher, tmp_path):
+    cache, splits = data
+    with pytest.raises(DataError, match=r"cache=.*does not exist"):
+        fit(tiny_config(tmp_path / "no.h5", splits), tmp_path, progress=False)
+    with pytest.raises(DataError, match=r"splits=.*does not exist"):
+        fit(tiny_config(cache, tmp_path / "no.csv"), tmp_path, progress=False)
+    with pytest.raises(RunError, match=r"teacher 'cnn_l-ce-nope' not found.*train the teacher"):
+        fit(tiny_config(cache, splits, distiller="kd", teacher="cnn_l-ce-nope"), tmp_path,
+            progress=False)
+    with pytest.raises(RunError, match=r"2 channel\(s\).*student uses 1"):
+        fit(tiny_config(cache, splits, modalities=["flair"], distiller="kd", teacher=str(teacher)),
+            tmp_path, progress=False)
+    other = shutil.copytree(teacher, tmp_path / "two-class-teacher")
+    torch.save(create_model("cnn_s", num_classes=2, in_channels=2).state_dict(), other / "model.pt")
+    with pytest.raises(RunError, match=r"predicts 2 classes, the student 3"):
+        fit(tiny_config(cache, splits, distiller="kd", teacher=str(other)), tmp_path,
+            progress=False)
+    assert not list(tmp_path.glob(".tmp-*"))  # nothing was started
