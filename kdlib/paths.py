@@ -9,6 +9,9 @@ from pathlib import Path
 HOME_ENV = "KDLIB_HOME"
 """Environment variable that moves data/, runs/ and figures/ elsewhere (the tests use it)."""
 
+STATIC_ENV = "KDLIB_STATIC_FIGURES"
+"""Set by the papermill runner (no widget front end there): viewers draw static figures."""
+
 
 def project_root(start: str | Path | None = None) -> Path:
     """The folder holding `notebooks/` and `pyproject.toml`, found by walking up from `start` (cwd)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import yaml
 
 from kdlib.config import read_yaml
 from kdlib.errors import ConfigError, RunError
-from kdlib.paths import profile_paths, project_root
+from kdlib.paths import STATIC_ENV, profile_paths, project_root
 
 NOTEBOOK_RE = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.ipynb$")
 PROFILE_KEYS = {"description", "parameters", "notebooks"}
@@ -74,8 +75,10 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 def _type_ok(value: Any, type_name: str) -> bool:
     """Loose check of a value against papermill's inferred type name of the parameters cell."""
     t = type_name.replace(" ", "")
+    if t.startswith("Optional[") and t.endswith("]"):
+        return value is None or _type_ok(value, t[len("Optional["):-1])
     if value is None:
-        return "None" in t or "Optional" in t or t == "None"
+        return "None" in t
     base = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
             "list": (list,), "dict": (dict,)}
     for name, types in base.items():
@@ -154,6 +157,7 @@ def run_profile(
     out_dir = profile_paths(profile["name"]).make().notebooks
     if log_output:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    os.environ[STATIC_ENV] = "1"  # the kernels inherit it: no widget front end under papermill
     done = []
     for nb, params in plan:
         out = out_dir / nb.name

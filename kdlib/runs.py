@@ -60,13 +60,18 @@ def config_identity(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def method_name(cfg: TrainConfig | Mapping[str, Any]) -> str:
-    """`ce`, `logit_adjusted`, `kd`, `kd+logit_adjusted`, ...: the distiller (if any) and the task
-    loss."""
+    """`ce`, `logit_adjusted`, `kd`, `kd_original`, `kd+logit_adjusted`, `ce+oversample`,
+    `ce+posthoc`, ...: the distiller (if any), the task loss, a sampler and post-hoc adjustment."""
     get = cfg.get if isinstance(cfg, Mapping) else lambda k: getattr(cfg, k)
     distiller, task = get("distiller"), get("task_loss")
-    if not distiller:
-        return task
-    return distiller if task == "ce" else f"{distiller}+{task}"
+    if distiller == "kd" and (get("distill_params") or {}).get("original"):
+        distiller = "kd_original"
+    name = task if not distiller else distiller if task == "ce" else f"{distiller}+{task}"
+    if get("sampler") not in (None, "none"):
+        name += f"+{get('sampler')}"
+    if get("posthoc_tau") is not None:
+        name += "+posthoc"
+    return name
 
 
 def run_id(cfg: TrainConfig) -> str:

@@ -108,11 +108,15 @@ def _resolve(metrics: Sequence[str]) -> tuple[list[str], bool]:
 
 
 def _bootstrap(scorers: list, n_units: int, metrics: Sequence[str], n_boot: int, ci: float,
-               method: str, seed: int, ranking: bool) -> pd.DataFrame:
-    """Shared engine: estimate = f(a) [- f(b)], draws and jackknife over the same patients."""
+               method: str, seed: int, ranking: bool, baselines: list | None = None) -> pd.DataFrame:
+    """Shared engine: estimate = mean_k f(a_k) [- mean_k f(b_k)] over `scorers` [and `baselines`],
+    with draws and jackknife over the same patients for every run."""
+    def mean(group, draw):
+        vals = [s(draw, ranking) for s in group]
+        return np.array([np.mean([v[m] for v in vals]) for m in metrics])
+
     def value(draw):
-        vals = [s(draw, ranking) for s in scorers]
-        return np.array([vals[0][m] - (vals[1][m] if len(vals) > 1 else 0.0) for m in metrics])
+        return mean(scorers, draw) - (mean(baselines, draw) if baselines else 0.0)
 
     est = value(None)
     draws = bootstrap_indices(n_units, n_boot, seed)
@@ -178,8 +182,28 @@ def bootstrap_difference(pred_a: pd.DataFrame, pred_b: pd.DataFrame,
     check_same_test_set(a, b)
     info_a, score_a = _units(a, by)
     _, score_b = _units(b, by)
-    return _bootstrap([score_a, score_b], len(info_a["subjects"]), metrics, n_boot, ci, method,
-                      seed, ranking)
+    return _bootstrap([score_a], len(info_a["subjects"]), metrics, n_boot, ci, method,
+                      seed, ranking, baselines=[score_b])
+
+
+def bootstrap_fold_mean(preds: Sequence[pd.DataFrame],
+                        baselines: Sequence[pd.DataFrame] | None = None,
+                        metrics: Sequence[str] = HEADLINE, n_boot: int = 2000, ci: float = 0.95,
+                        method: str = "percentile", seed: int = 0, by: str = "true") -> pd.DataFrame:
+    """Patient-bootstrap CI of a metric averaged over several runs on the same test set (e.g. the
+    folds of one method), or of that mean minus the baselines' mean (paired: every draw uses the
+    same resampled patients for every run). Columns as bootstrap_metrics."""
+    metrics, ranking = _resolve(metrics)
+    runs = [check_predictions(p, f"predictions {i}") for i, p in enumerate(preds)]
+    base = [check_predictions(p, f"baseline predictions {i}") for i, p in enumerate(baselines or [])]
+    if not runs:
+        raise DataError("bootstrap_fold_mean needs at least one prediction table")
+    for i, other in enumerate(runs[1:] + base, start=1):
+        check_same_test_set(runs[0], other, ("0", str(i)))
+    units = [_units(p, by) for p in runs + base]
+    scorers = [score for _, score in units]
+    return _bootstrap(scorers[:len(runs)], len(units[0][0]["subjects"]), metrics, n_boot, ci,
+                      method, seed, ranking, baselines=scorers[len(runs):] or None)
 
 
 # ---------------------------------------------------------------- across folds / runs

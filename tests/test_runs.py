@@ -144,3 +144,16 @@ def test_run_grid_one_process_per_device(data, tmp_path):
     assert [p.name for p in paths] == [run_id(c) for c in runs]
     assert all((p / "metrics.json").is_file() for p in paths)
     assert fit(runs[0], tmp_path, progress=False) == paths[0]
+
+
+def test_method_name_tells_every_variant_apart():
+    from kdlib.runs import method_name
+
+    base = {"task_loss": "ce", "distiller": None, "distill_params": {}, "sampler": "none",
+            "posthoc_tau": None}
+    assert method_name(base) == "ce"
+    assert method_name({**base, "distiller": "kd"}) == "kd"
+    assert method_name({**base, "distiller": "kd", "distill_params": {"original": True}}) == "kd_original"
+    assert method_name({**base, "distiller": "kd", "task_loss": "logit_adjusted"}) == "kd+logit_adjusted"
+    assert method_name({**base, "sampler": "oversample"}) == "ce+oversample"
+    assert method_name({**base, "posthoc_tau": 1.0}) == "ce+posthoc"

@@ -208,3 +208,24 @@ def test_summarize_runs():
     assert s.loc["kd", "f1_LGG_mean"] == pytest.approx(kd.mean())
     assert s.loc["kd", "f1_LGG_std"] == pytest.approx(kd.std(ddof=1))
     assert s.loc["kd", "n_runs"] == 3
+
+
+def test_bootstrap_fold_mean_reduces_to_single_run_and_pairwise_forms():
+    from kdlib.metrics import synthetic_predictions
+    from kdlib.stats import bootstrap_difference, bootstrap_fold_mean, bootstrap_metrics
+
+    a = synthetic_predictions(n_subjects=16, slices=6, seed=1)
+    b = synthetic_predictions(n_subjects=16, slices=6, seed=2)
+    b[["subject_id", "slice", "label"]] = a[["subject_id", "slice", "label"]]
+    metrics = ["macro_f1", "f1_LGG"]
+    kw = dict(metrics=metrics, n_boot=200, seed=3)
+    one = bootstrap_fold_mean([a], **kw)
+    pd.testing.assert_frame_equal(one, bootstrap_metrics(a, **kw))
+    pd.testing.assert_frame_equal(bootstrap_fold_mean([a], [b], **kw),
+                                  bootstrap_difference(a, b, **kw))
+    both = bootstrap_fold_mean([a, b], **kw).set_index("metric")
+    single = {n: bootstrap_metrics(p, **kw).set_index("metric") for n, p in (("a", a), ("b", b))}
+    for m in metrics:
+        assert both.loc[m, "estimate"] == pytest.approx(
+            (single["a"].loc[m, "estimate"] + single["b"].loc[m, "estimate"]) / 2)
+    assert bootstrap_fold_mean([a, a], [a, a], **kw)["high"].abs().max() == 0

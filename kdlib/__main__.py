@@ -1,0 +1,7 @@
+"""`python -m kdlib`."""
+
+import sys
+
+from kdlib.cli import main
+
+sys.exit(main())

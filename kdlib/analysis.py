@@ -1,0 +1,261 @@
+"""Notebook 04's answers: the runs of each question, their summaries, paired tests, patient
+bootstraps, and the sentences that report them (every number comes from the run table)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kdlib import CLASSES, MINORITY
+from kdlib.experiment import Experiment
+from kdlib.metrics import run_metrics
+from kdlib.runs import load_predictions
+from kdlib.stats import bootstrap_fold_mean, compare_to_baseline, summarize_runs
+
+Q_METRICS: tuple[str, ...] = (f"f1_{MINORITY}", f"recall_{MINORITY}", "macro_f1",
+                              "balanced_accuracy", "patient_balanced_accuracy")
+"""The metrics both questions are judged on (minority F1 first)."""
+
+BASELINE = "ce"
+POSTHOC = "ce+posthoc"
+
+
+def _ratio_key(value) -> float:
+    """Ratios as floats with the natural ratio (None/NaN) as NaN, for matching table rows."""
+    return float("nan") if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else float(value)
+
+
+def _in_ratios(col: pd.Series, ratios: Sequence) -> pd.Series:
+    keys = [_ratio_key(r) for r in ratios]
+    natural = any(math.isnan(k) for k in keys)
+    return col.isin([k for k in keys if not math.isnan(k)]) | (col.isna() & natural)
+
+
+def posthoc_predictions(pred: pd.DataFrame, class_counts: Sequence[int], tau: float = 1.0
+                        ) -> pd.DataFrame:
+    """A run's predictions after post-hoc logit adjustment z - tau log(pi) (Menon et al., ICLR
+    2021), from its stored logits z_<class> and training class counts."""
+    from kdlib.train import class_probabilities
+
+    z = torch.tensor(pred[[f"z_{c}" for c in CLASSES]].to_numpy(np.float32))
+    p = class_probabilities(z, list(class_counts), tau).numpy().astype(np.float64)
+    return pred.assign(**{f"p_{c}": p[:, i] for i, c in enumerate(CLASSES)})
+
+
+def run_predictions(row: pd.Series) -> pd.DataFrame:
+    """The test predictions of a run-table row (adjusted for derived post-hoc rows)."""
+    pred = load_predictions(row["path"])
+    tau = row.get("derived_posthoc_tau")
+    if tau is not None and not pd.isna(tau):
+        pred = posthoc_predictions(pred, [row[f"train_n_{c}"] for c in CLASSES], float(tau))
+    return pred
+
+
+def add_posthoc(runs: pd.DataFrame, tau: float = 1.0, of: str = BASELINE) -> pd.DataFrame:
+    """Append one `ce+posthoc` row per plain `ce` run: the same model, predictions adjusted post
+    hoc (it costs no training), with its metrics recomputed; `derived_posthoc_tau` marks them."""
+    plain = runs[(runs["method"] == of) & runs["distiller"].isna()
+                 & runs.get("posthoc_tau", pd.Series(np.nan, index=runs.index)).isna()]
+    rows = []
+    for _, row in plain.iterrows():
+        new = row.copy()
+        new["method"], new["derived_posthoc_tau"] = POSTHOC, tau
+        new["run_id"] = f"{row['run_id']}+posthoc"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for k, v in run_metrics(run_predictions(new)).items():
+                new[k] = v
+        rows.append(new)
+    return pd.concat([runs, pd.DataFrame(rows)], ignore_index=True) if rows else runs
+
+
+def q1_runs(runs: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
+    """Question 1: the student's runs (baselines and distilled from `exp.teacher`) at `exp.ratios`."""
+    r = runs[(runs["model"] == exp.student) & _in_ratios(runs["ratio"], exp.ratios)]
+    return r[r["distiller"].isna() | (r["teacher_model"] == exp.teacher)].reset_index(drop=True)
+
+
+def q2_runs(runs: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
+    """Question 2 at `grid_ratio`, one row per run and role: `teacher` (grid teachers alone),
+    `student alone` (grid students, CE) and `distilled` (grid students with `grid_distiller` from a
+    grid teacher). A CE run of a model in both lists appears twice, once per role."""
+    r = runs[_in_ratios(runs["ratio"], [exp.grid_ratio])]
+    alone = r["distiller"].isna()
+    roles = {
+        "teacher": alone & r["model"].isin(exp.grid_teachers) & (r["method"] == exp.teacher_loss),
+        "student alone": alone & r["model"].isin(exp.grid_students) & (r["method"] == BASELINE),
+        "distilled": r["model"].isin(exp.grid_students) & (r["method"] == exp.grid_distiller)
+        & r["teacher_model"].isin(exp.grid_teachers),
+    }
+    return pd.concat([r[mask].assign(role=role) for role, mask in roles.items()],
+                     ignore_index=True)
+
+
+def method_order(methods: Sequence[str]) -> list[str]:
+    """Baselines first (ce, ce+posthoc, the imbalance losses), then the distillers."""
+    first = [BASELINE, POSTHOC]
+    rest = sorted(set(methods) - set(first), key=lambda m: ("+" in m or m in ("kd", "dkd", "bkd",
+                                                                              "kd_original"), m))
+    return [m for m in first if m in set(methods)] + rest
+
+
+def summary_table(runs: pd.DataFrame, metrics: Sequence[str] = Q_METRICS,
+                  by: Sequence[str] = ("ratio", "method")) -> pd.DataFrame:
+    """Mean and std over folds/seeds per group (stats.summarize_runs), methods in reading order."""
+    s = summarize_runs(runs, list(metrics), by)
+    if "method" in s.columns:
+        s["method"] = pd.Categorical(s["method"], method_order(s["method"].unique()), ordered=True)
+        s = s.sort_values(list(by)).reset_index(drop=True)
+        s["method"] = s["method"].astype(str)
+    return s
+
+
+def paired_tests(runs: pd.DataFrame, metrics: Sequence[str] = Q_METRICS,
+                 by: Sequence[str] = ("method", "ratio"),
+                 pair_on: Sequence[str] = ("fold", "ratio", "seed")) -> pd.DataFrame:
+    """compare_to_baseline against CE for each metric: per-fold paired differences, corrected
+    resampled t-test, Wilcoxon, Holm over the methods (and ratios) of each metric."""
+    parts = []
+    for m in metrics:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parts.append(compare_to_baseline(runs, {"method": BASELINE}, m, pair_on, by))
+    return pd.concat(parts, ignore_index=True)
+
+
+def bootstrap_table(runs: pd.DataFrame, metrics: Sequence[str] = Q_METRICS,
+                    by: Sequence[str] = ("method", "ratio"),
+                    pair_on: Sequence[str] = ("fold", "ratio", "seed"),
+                    n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Per group: the fold-mean of each metric with a patient-bootstrap CI, and its difference to
+    the CE baseline of the same folds with a paired patient-bootstrap CI (estimate/low/high and
+    diff/diff_low/diff_high)."""
+    preds = {row["run_id"]: run_predictions(row) for _, row in runs.iterrows()}
+    base = runs[runs["method"] == BASELINE].set_index(list(pair_on))
+    rows = []
+    for key, grp in runs.groupby(list(by), dropna=False, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        ours = [preds[r] for r in grp["run_id"]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            level = bootstrap_fold_mean(ours, None, metrics, n_boot, seed=seed)
+            matched = [base.loc[tuple(k)]["run_id"] for k in grp[list(pair_on)].itertuples(index=False)
+                       if tuple(k) in base.index]
+            diff = None
+            if len(matched) == len(grp) and grp["method"].iloc[0] != BASELINE:
+                diff = bootstrap_fold_mean(ours, [preds[r] for r in matched], metrics, n_boot,
+                                           seed=seed).set_index("metric")
+        for _, lv in level.iterrows():
+            d = diff.loc[lv["metric"]] if diff is not None else None
+            rows.append({**dict(zip(by, key)), "metric": lv["metric"], "estimate": lv["estimate"],
+                         "low": lv["low"], "high": lv["high"],
+                         "diff": np.nan if d is None else d["estimate"],
+                         "diff_low": np.nan if d is None else d["low"],
+                         "diff_high": np.nan if d is None else d["high"],
+                         "n_runs": len(grp), "n_patients": lv["n_patients"]})
+    return pd.DataFrame(rows)
+
+
+def _fmt_ratio(r) -> str:
+    return "the natural ratio" if pd.isna(r) else f"{float(r):g}:1"
+
+
+def answer_q1(tests: pd.DataFrame, boot: pd.DataFrame, metric: str = f"f1_{MINORITY}",
+              alpha: float = 0.05) -> str:
+    """Markdown paragraphs answering question 1 from the paired tests and bootstrap of `metric`."""
+    t = tests[tests["metric"] == metric]
+    b = boot[(boot["metric"] == metric)]
+    lines = []
+    for ratio, grp in t.groupby("ratio", dropna=False, sort=True):
+        best = grp.sort_values("mean_diff", ascending=False).iloc[0]
+        base = grp["baseline_mean"].iloc[0]
+        sig = grp[grp["p_holm"] < alpha]
+        kd_like = grp[grp["method"].str.contains("kd")]
+        kd_best = kd_like.sort_values("mean_diff", ascending=False).iloc[0] if len(kd_like) else None
+        bb = b[(b["method"] == best["method"]) & (_in_ratios(b["ratio"], [ratio]))]
+        ci = (f" (paired patient-bootstrap 95% CI of the fold-mean gain "
+              f"[{bb['diff_low'].iloc[0]:+.3f}, {bb['diff_high'].iloc[0]:+.3f}])") if len(bb) else ""
+        text = (f"- **At {_fmt_ratio(ratio)}**, the CE student reaches {metric} = {base:.3f}. "
+                f"The largest mean gain over CE is **{best['method']}**: "
+                f"{best['mean_diff']:+.3f} over {int(best['n_pairs'])} folds{ci}, corrected-t "
+                f"p = {best['p_corrected_t']:.3f}, Holm-adjusted p = {best['p_holm']:.3f}.")
+        if kd_best is not None and kd_best["method"] != best["method"]:
+            text += (f" The best distillation method is {kd_best['method']} "
+                     f"({kd_best['mean_diff']:+.3f}, Holm p = {kd_best['p_holm']:.3f}).")
+        text += (f" {len(sig)} of {len(grp)} methods differ from CE at Holm-adjusted p < {alpha}"
+                 + (f": {', '.join(sig['method'])}." if len(sig) else "."))
+        lines.append(text)
+    caveat = sorted(set(t["caveat"]) - {""})
+    if caveat:
+        lines.append(f"\n*Caveat:* {caveat[0]}")
+    return "\n".join(lines)
+
+
+def q2_gains(runs: pd.DataFrame, metrics: Sequence[str] = (f"f1_{MINORITY}", "macro_f1")
+             ) -> pd.DataFrame:
+    """Teacher x student gain of the distilled student over the same student trained alone
+    (paired on fold/seed), with the corrected t-test and Holm over the grid's cells."""
+    students = runs[runs["role"] != "teacher"]
+    params = runs.groupby("model")["params"].first()
+    parts = []
+    for m in metrics:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            g = compare_to_baseline(students, {"method": BASELINE}, m,
+                                    ("model", "fold", "ratio", "seed"), ("teacher_model", "model"))
+        parts.append(g)
+    out = pd.concat(parts, ignore_index=True)
+    out["teacher_model_params"] = out["teacher_model"].map(params)
+    out["model_params"] = out["model"].map(params)
+    return out
+
+
+def answer_q2(gains: pd.DataFrame, runs: pd.DataFrame, metric: str = f"f1_{MINORITY}",
+              alpha: float = 0.05) -> str:
+    """Markdown paragraphs answering question 2 from the teacher x student gains of `metric`."""
+    g = gains[gains["metric"] == metric].copy()
+    if g.empty:
+        return "No teacher x student runs were found."
+    best, worst = g.loc[g["mean_diff"].idxmax()], g.loc[g["mean_diff"].idxmin()]
+    sig = g[g["p_holm"] < alpha]
+    teachers = runs[runs["role"] == "teacher"].groupby("model")[metric].mean()
+    rho = g[["teacher_model_params", "mean_diff"]].corr(method="spearman").iloc[0, 1] \
+        if len(g) > 2 else float("nan")
+    size_ratio = g["teacher_model_params"] / g["model_params"]
+    rho_ratio = pd.Series(size_ratio).corr(g["mean_diff"], method="spearman") \
+        if len(g) > 2 else float("nan")
+    teacher_txt = ", ".join(f"{m} {v:.3f}" for m, v in teachers.sort_values().items())
+    return "\n".join([
+        f"- Teachers alone reach {metric}: {teacher_txt}.",
+        f"- Best pair: **{best['teacher_model']} -> {best['model']}**, {best['mean_diff']:+.3f} "
+        f"over the student alone (Holm p = {best['p_holm']:.3f}); worst: {worst['teacher_model']} "
+        f"-> {worst['model']}, {worst['mean_diff']:+.3f} (Holm p = {worst['p_holm']:.3f}).",
+        f"- {len(sig)} of {len(g)} teacher x student cells differ from the student alone at "
+        f"Holm-adjusted p < {alpha}.",
+        f"- Spearman correlation of the gain with the teacher's parameter count: {rho:+.2f}; with "
+        f"the teacher/student size ratio: {rho_ratio:+.2f} (over {len(g)} cells).",
+    ])
+
+
+def example_runs(runs: pd.DataFrame, exp: Experiment, ratio: float | None,
+                 methods: Sequence[str]) -> dict[str, pd.Series]:
+    """One run per method of question 1's student (first fold and seed) at `ratio`, plus the
+    teacher's run of that fold, keyed by display name (for confusion, ROC and calibration plots)."""
+    q1 = q1_runs(runs, exp)
+    at = q1[_in_ratios(q1["ratio"], [ratio])]
+    fold, seed = at["fold"].min(), at["seed"].min()
+    at = at[(at["fold"] == fold) & (at["seed"] == seed)]
+    out = {m: at[at["method"] == m].iloc[0] for m in dict.fromkeys(methods)
+           if (at["method"] == m).any()}
+    t = runs[(runs["model"] == exp.teacher) & runs["distiller"].isna()
+             & (runs["method"] == exp.teacher_loss) & _in_ratios(runs["ratio"], [ratio])
+             & (runs["fold"] == fold) & (runs["seed"] == seed)]
+    if len(t):
+        out[f"teacher {exp.teacher}"] = t.iloc[0]
+    return out
