@@ -65,7 +65,8 @@ def get_dataset(
     check_choice("source", source, SOURCES)
     if source == "phantom":
         cfg = from_dict(PhantomConfig, phantom or {}, "phantom settings")
-        out = profile_paths(profile).data / "synthetic" / _short_hash(to_dict(cfg))
+        settings = {k: v for k, v in to_dict(cfg).items() if k != "workers"}  # speed only
+        out = profile_paths(profile).data / "synthetic" / _short_hash(settings)
         root = make_phantom(out, cfg, progress=progress)
         fmt = "nifti"
         reader: dict[str, Any] = {}
