@@ -60,6 +60,8 @@ def run_predictions(row: pd.Series) -> pd.DataFrame:
 def add_posthoc(runs: pd.DataFrame, tau: float = 1.0, of: str = BASELINE) -> pd.DataFrame:
     """Append one `ce+posthoc` row per plain `ce` run: the same model, predictions adjusted post
     hoc (it costs no training), with its metrics recomputed; `derived_posthoc_tau` marks them."""
+    if "derived_posthoc_tau" in runs.columns:  # idempotent: derived rows are made afresh
+        runs = runs[runs["derived_posthoc_tau"].isna()]
     plain = runs[(runs["method"] == of) & runs["distiller"].isna()
                  & runs.get("posthoc_tau", pd.Series(np.nan, index=runs.index)).isna()]
     rows = []
@@ -100,8 +102,7 @@ def q2_runs(runs: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
 def method_order(methods: Sequence[str]) -> list[str]:
     """Baselines first (ce, ce+posthoc, the imbalance losses), then the distillers."""
     first = [BASELINE, POSTHOC]
-    rest = sorted(set(methods) - set(first), key=lambda m: ("+" in m or m in ("kd", "dkd", "bkd",
-                                                                              "kd_original"), m))
+    rest = sorted(set(methods) - set(first), key=lambda m: (is_distilled(m), m))
     return [m for m in first if m in set(methods)] + rest
 
 
@@ -259,3 +260,8 @@ def example_runs(runs: pd.DataFrame, exp: Experiment, ratio: float | None,
     if len(t):
         out[f"teacher {exp.teacher}"] = t.iloc[0]
     return out
+
+
+def is_distilled(method: str) -> bool:
+    """True for the distillation methods (kd, kd_original, dkd, bkd, kd+<loss>)."""
+    return method.split("+")[0] in ("kd", "kd_original", "dkd", "bkd")

@@ -38,16 +38,22 @@ def _prepare(args: argparse.Namespace) -> None:
     print(split_table(load_splits(splits), table).to_string())
 
 
+def _runs_dir(args: argparse.Namespace) -> Path:
+    from kdlib.paths import profile_paths
+
+    return args.runs_dir or profile_paths("cli").runs
+
+
 def _train(args: argparse.Namespace) -> None:
     from kdlib.train import fit, load_train_config
 
-    print(fit(load_train_config(args.config), args.runs_dir))
+    print(fit(load_train_config(args.config), _runs_dir(args)))
 
 
 def _grid(args: argparse.Namespace) -> None:
     from kdlib.grid import load_grid, run_grid
 
-    for path in run_grid(load_grid(args.config), args.runs_dir, devices=args.devices):
+    for path in run_grid(load_grid(args.config), _runs_dir(args), devices=args.devices):
         print(path)
 
 
@@ -106,14 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("train", help="train one run from a YAML TrainConfig",
                        description="Train (or resume, or skip if finished) one run.")
     q.add_argument("--config", required=True, type=Path, help="YAML file of TrainConfig settings")
-    q.add_argument("--runs-dir", type=Path, default=Path("runs/cli"), help="(default %(default)s)")
+    q.add_argument("--runs-dir", type=Path, default=None, help="(default: runs/cli/)")
     q.set_defaults(func=_train)
 
     q = sub.add_parser("grid", help="train a grid of runs from a YAML grid spec",
                        description="Expand a grid spec (see kdlib.grid.expand_grid) and train every "
                                    "unfinished run, teachers first.")
     q.add_argument("--config", required=True, type=Path, help="YAML grid spec")
-    q.add_argument("--runs-dir", type=Path, default=Path("runs/cli"), help="(default %(default)s)")
+    q.add_argument("--runs-dir", type=Path, default=None, help="(default: runs/cli/)")
     q.add_argument("--devices", nargs="+", default=None,
                    help="e.g. cuda:0 cuda:1 (default: every GPU when there are several)")
     q.set_defaults(func=_grid)

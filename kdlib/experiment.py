@@ -65,6 +65,9 @@ class Experiment:
         if self.folds is not None:
             folds = _tuple(self.folds)
             object.__setattr__(self, "folds", folds or None)
+        for name in ("ratios", "seeds", "modalities"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} must list at least one value")
         if "ce" not in self.baseline_losses:
             raise ConfigError("baseline_losses must include 'ce': every gain is measured against it")
         for r in self.ratios + (self.grid_ratio,):

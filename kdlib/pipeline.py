@@ -55,8 +55,8 @@ def load_profile(name: str) -> dict[str, Any]:
     unknown = set(data) - PROFILE_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; valid: {sorted(PROFILE_KEYS)}")
-    data.setdefault("parameters", {})
-    data.setdefault("notebooks", {})
+    data["parameters"] = data.get("parameters") or {}
+    data["notebooks"] = data.get("notebooks") or {}
     data["name"] = path.stem
     return data
 
@@ -148,20 +148,33 @@ def run_profile(
     progress_bar: bool = True,
 ) -> list[Path]:
     """Execute the profile's notebooks in order with papermill; returns the executed copies."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     profile = load_profile(name)
     notebooks = list_notebooks(notebooks_dir)
     plan = plan_run(profile, notebooks, only, overrides)
     out_dir = profile_paths(profile["name"]).make().notebooks
     if log_output:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    previous = os.environ.get(STATIC_ENV)
     os.environ[STATIC_ENV] = "1"  # the kernels inherit it: no widget front end under papermill
+    try:
+        return _execute(plan, profile["name"], out_dir, log_output, progress_bar)
+    finally:
+        if previous is None:
+            os.environ.pop(STATIC_ENV, None)
+        else:
+            os.environ[STATIC_ENV] = previous
+
+
+def _execute(plan: list[tuple[Path, dict[str, Any]]], name: str, out_dir: Path, log_output: bool,
+             progress_bar: bool) -> list[Path]:
+    """papermill.execute_notebook for each (notebook, parameters), cwd = the notebook's folder."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
     done = []
     for nb, params in plan:
         out = out_dir / nb.name
-        print(f"\n=== {nb.name}  ({profile['name']}; {params}) -> {out}", flush=True)
+        print(f"\n=== {nb.name}  ({name}; {params}) -> {out}", flush=True)
         try:
             papermill.execute_notebook(
                 str(nb), str(out), parameters=params, kernel_name="python3",

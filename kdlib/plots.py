@@ -35,8 +35,9 @@ TOL_MUTED = ("#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "
 METHOD_COLORS: dict[str, str] = {
     "ce": "#000000", "baseline": "#000000", "kd": "#E69F00", "dkd": "#0072B2", "bkd": "#D55E00",
     "kd+logit_adjusted": "#CC79A7", "weighted_ce": "#999999", "class_balanced": "#56B4E9",
-    "focal": "#009E73", "logit_adjusted": "#332288", "ldam_drw": "#44AA99", "posthoc": "#999933",
-    "teacher": "#882255",
+    "focal": "#009E73", "logit_adjusted": "#332288", "ldam_drw": "#44AA99",
+    "teacher": "#882255", "kd_original": "#DDCC77", "ce+posthoc": "#999933",
+    "student alone": "#000000", "distilled": "#117733",
 }
 """Fixed method -> colour (Okabe-Ito, then Paul Tol's muted); other names get a stable hash colour."""
 CLASS_COLORS: dict[str, str] = {"healthy": "#999999", "HGG": "#D55E00", "LGG": "#0072B2"}

@@ -134,12 +134,10 @@ def read_slices(cache_h5: str | Path, rows: list[int] | np.ndarray) -> tuple[np.
     """Images (n, 4, S, S) float32 and masks (n, S, S) of the given cache rows, in the order given."""
     import h5py
 
-    rows = np.asarray(rows, dtype=int)
-    order = np.argsort(rows)
+    unique, back = np.unique(np.asarray(rows, dtype=int), return_inverse=True)  # h5py: increasing
     with h5py.File(cache_h5, "r") as f:
-        images = f["images"][rows[order]].astype(np.float32)
-        masks = f["masks"][rows[order]]
-    back = np.argsort(order)
+        images = f["images"][unique].astype(np.float32)
+        masks = f["masks"][unique]
     return images[back], masks[back]
 
 

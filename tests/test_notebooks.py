@@ -78,7 +78,8 @@ def test_smoke_chain_runs_every_notebook_and_writes_every_figure(tmp_path, monke
     figures = tmp_path / "figures" / "smoke"
     expected = ["data_class_distribution", "data_example_slices", "data_intensity_histograms",
                 "data_split_distribution", "teachers_learning_curves", "baselines_learning_curves",
-                "students_learning_curves", "q1_gain_vs_ratio", "q1_gain_vs_ratio_bootstrap",
+                "students_learning_curves", "q1_gain_vs_ratio_losses", "q1_gain_vs_ratio_kd",
+                "q1_gain_vs_ratio_kd_bootstrap",
                 "q1_roc_pr", "q1_reliability", "q2_gain_heatmap", "q2_f1_vs_params"]
     for name in expected:
         for ext in ("pdf", "png"):

@@ -125,7 +125,9 @@ def test_method_colours_are_fixed_and_stable():
     assert P.method_color("ce") == "#000000" and P.method_color("kd") == P.METHOD_COLORS["kd"]
     expected = P.TOL_MUTED[int(hashlib.md5(b"my_new_method").hexdigest(), 16) % 9]
     assert P.method_color("my_new_method") == expected == P.method_color("my_new_method")
-    assert len(set(P.METHOD_COLORS.values())) == len(P.METHOD_COLORS) - 1  # ce == baseline
+    # every method has its own colour; "baseline" and "student alone" are names for ce
+    assert len(set(P.METHOD_COLORS.values())) == len(P.METHOD_COLORS) - 2
+    assert P.method_color("baseline") == P.method_color("student alone") == P.method_color("ce")
     assert P.method_marker("kd") == P.method_marker("kd")
 
 

@@ -1,0 +1,369 @@
+"""kdlib.analysis: post-hoc rows, the runs of each question, tests, bootstrap and the answers'
+numbers, on synthetic run tables, fake run folders and a tiny trained run set."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers_train import make_cache, tiny_config, write_splits
+from scipy import stats as sps
+
+from kdlib import CLASSES
+from kdlib import analysis as A
+from kdlib.experiment import Experiment
+from kdlib.grid import run_grid
+from kdlib.metrics import run_metrics, synthetic_predictions
+from kdlib.runs import load_predictions, load_runs, method_name, run_id
+from kdlib.stats import holm, synthetic_runs
+from kdlib.train import TrainConfig
+
+PARAMS = {"cnn_xs": 6_000, "cnn_s": 40_000, "cnn_m": 150_000, "cnn_l": 600_000}
+
+
+def softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def quiet(fn, *a, **k):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*a, **k)
+
+
+# ---------------------------------------------------------------- post-hoc adjustment
+
+
+def test_posthoc_predictions_by_hand():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(7, 3)) * 2
+    pred = pd.DataFrame({"subject_id": "S1", "slice": range(7), "label": "HGG",
+                         **{f"p_{c}": 1 / 3 for c in CLASSES},
+                         **{f"z_{c}": z[:, i] for i, c in enumerate(CLASSES)}})
+    counts, tau = [50, 30, 20], 0.7
+    out = A.posthoc_predictions(pred, counts, tau)
+    want = softmax(z - tau * np.log(np.array(counts) / 100))
+    np.testing.assert_allclose(out[[f"p_{c}" for c in CLASSES]].to_numpy(), want, atol=1e-6)
+    pd.testing.assert_frame_equal(out.drop(columns=[f"p_{c}" for c in CLASSES]),
+                                  pred.drop(columns=[f"p_{c}" for c in CLASSES]))
+    assert (pred["p_HGG"] == 1 / 3).all()  # the input is not modified
+    same = A.posthoc_predictions(pred, counts, 0.0)
+    np.testing.assert_allclose(same[[f"p_{c}" for c in CLASSES]].to_numpy(), softmax(z), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """cnn_s CE, cnn_xs CE, cnn_xs KD from the cnn_s run, cnn_xs CE trained with posthoc_tau."""
+    root = tmp_path_factory.mktemp("analysis")
+    cache = make_cache(root, n_hgg=6, n_lgg=6, slices=4, size=16)
+    splits = write_splits(cache, root / "splits.csv")
+    base = tiny_config(cache, splits, epochs=1)
+    teacher = TrainConfig.from_dict({**base, "model": "cnn_s"})
+    configs = [teacher, TrainConfig.from_dict(base),
+               TrainConfig.from_dict({**base, "distiller": "kd", "teacher": run_id(teacher)}),
+               TrainConfig.from_dict({**base, "posthoc_tau": 1.0})]
+    run_grid(configs, root / "runs", progress=False)
+    return load_runs(root / "runs")
+
+
+def test_add_posthoc_one_row_per_plain_ce_run(trained):
+    runs = trained
+    assert sorted(runs["method"]) == ["ce", "ce", "ce+posthoc", "kd"]
+    out = A.add_posthoc(runs, tau=0.5)
+    assert len(out) == len(runs) + 2
+    pd.testing.assert_frame_equal(out.iloc[:len(runs)][runs.columns], runs, check_dtype=False)
+    assert out.iloc[:len(runs)]["derived_posthoc_tau"].isna().all()
+    new = out.iloc[len(runs):]
+    plain = runs[(runs["method"] == "ce") & runs["posthoc_tau"].isna()]
+    assert new["run_id"].tolist() == [f"{r}+posthoc" for r in plain["run_id"]]
+    assert (new["method"] == "ce+posthoc").all() and (new["derived_posthoc_tau"] == 0.5).all()
+    assert new["model"].tolist() == plain["model"].tolist()
+    for (_, row), (_, src) in zip(new.iterrows(), plain.iterrows()):
+        counts = [src[f"train_n_{c}"] for c in CLASSES]
+        adjusted = A.posthoc_predictions(load_predictions(src["path"]), counts, 0.5)
+        want = quiet(run_metrics, adjusted)
+        for k, v in want.items():
+            assert row[k] == pytest.approx(v, nan_ok=True), k
+        pred = A.run_predictions(row)
+        z = pred[[f"z_{c}" for c in CLASSES]].to_numpy()
+        pi = np.array(counts, float) / sum(counts)
+        np.testing.assert_allclose(pred[[f"p_{c}" for c in CLASSES]].to_numpy(),
+                                   softmax(z - 0.5 * np.log(pi)), atol=1e-6)
+    # a table without plain CE runs is returned as it is
+    kd_only = runs[runs["method"] == "kd"]
+    assert A.add_posthoc(kd_only) is kd_only
+
+
+def test_training_and_analysis_posthoc_agree(trained):
+    row = trained[trained["method"] == "ce+posthoc"].iloc[0]
+    pred = load_predictions(row["path"])
+    again = A.posthoc_predictions(pred, [row[f"train_n_{c}"] for c in CLASSES], 1.0)
+    cols = [f"p_{c}" for c in CLASSES]
+    np.testing.assert_allclose(again[cols].to_numpy(), pred[cols].to_numpy(), atol=1e-5)
+
+
+# ---------------------------------------------------------------- the runs of each question
+
+EXP = Experiment(ratios=(None, 4), grid_ratio=4, teacher="cnn_m", student="cnn_xs",
+                 grid_teachers=("cnn_s", "cnn_m"), grid_students=("cnn_xs", "cnn_s"), epochs=1)
+GAIN = {"ce": 0.0, "ce+posthoc": 0.02, "weighted_ce": 0.03, "kd": 0.04, "dkd": 0.06}
+PAIR_GAIN = {("cnn_s", "cnn_xs"): 0.05, ("cnn_m", "cnn_xs"): 0.08, ("cnn_s", "cnn_s"): -0.01,
+             ("cnn_m", "cnn_s"): 0.02}
+
+
+def run_rows(exp=EXP, folds=(0, 1, 2), seed=0):
+    """A run table like load_runs + add_posthoc gives, from the experiment's configs."""
+    configs = exp.configs("c.h5", "s.csv", list(folds))
+    by_id = {run_id(c): c for c in configs}
+    rng = np.random.default_rng(seed)
+    fold_effect = rng.normal(0, 0.03, len(folds))
+    rows = []
+    for c in configs:
+        t = by_id[c.teacher].model if c.teacher else None
+        method = method_name(c)
+        gain = PAIR_GAIN.get((t, c.model), 0.0) if c.ratio == exp.grid_ratio and t else \
+            GAIN.get(method, 0.01)
+        base = 0.4 + 0.1 * (c.model != "cnn_xs") + fold_effect[folds.index(c.fold)]
+        f1 = base + gain + rng.normal(0, 0.01)
+        rows.append({"run_id": run_id(c), "method": method, "model": c.model,
+                     "teacher_model": t, "distiller": c.distiller,
+                     "ratio": np.nan if c.ratio is None else c.ratio, "fold": c.fold,
+                     "seed": c.seed, "params": PARAMS[c.model], "n_test": 100, "n_train": 300,
+                     "f1_LGG": f1, "macro_f1": f1 + 0.2})
+    runs = pd.DataFrame(rows)
+    extra = runs[(runs["method"] == "ce") & (runs["model"] == "cnn_xs")].assign(
+        method="ce+posthoc", derived_posthoc_tau=1.0, f1_LGG=lambda d: d["f1_LGG"] + 0.02)
+    extra["run_id"] = extra["run_id"] + "+posthoc"
+    decoys = runs[(runs["method"] == "ce") & (runs["model"] == "cnn_xs")].iloc[:1].assign(
+        ratio=8.0, run_id="decoy-ratio8")
+    return pd.concat([runs, extra, decoys], ignore_index=True)
+
+
+def test_q1_runs_selects_the_student_at_the_ratios():
+    runs = run_rows()
+    q1 = A.q1_runs(runs, EXP)
+    F = 3
+    per = 6 + 3 + 1 + 1 + 1  # baselines, distillers, kd+LA, kd_original, ce+posthoc
+    assert len(q1) == per * F * 2 and list(q1.index) == list(range(len(q1)))
+    assert (q1["model"] == "cnn_xs").all() and "decoy-ratio8" not in set(q1["run_id"])
+    assert set(q1.loc[q1["distiller"].notna(), "teacher_model"]) == {"cnn_m"}  # not cnn_s
+    counts = q1.groupby(["method", q1["ratio"].fillna(0)]).size()
+    assert (counts == F).all() and len(counts) == per * 2
+    # a natural-ratio-only experiment keeps the NaN rows only
+    only_nat = A.q1_runs(runs, Experiment(ratios=(None,), teacher="cnn_m", student="cnn_xs"))
+    assert only_nat["ratio"].isna().all() and len(only_nat) == per * F
+
+
+def test_q2_runs_roles_and_a_model_in_both_lists():
+    runs = run_rows()
+    q2 = A.q2_runs(runs, EXP)
+    assert (q2["ratio"] == 4.0).all()
+    roles = q2.groupby("role").size().to_dict()
+    F = 3
+    assert roles == {"teacher": 2 * F, "student alone": 2 * F, "distilled": 4 * F}
+    t = q2[q2["role"] == "teacher"]
+    assert set(t["model"]) == {"cnn_s", "cnn_m"} and (t["method"] == "ce").all()
+    alone = q2[q2["role"] == "student alone"]
+    assert set(alone["model"]) == {"cnn_xs", "cnn_s"} and alone["distiller"].isna().all()
+    d = q2[q2["role"] == "distilled"]
+    assert set(zip(d["teacher_model"], d["model"])) == set(PAIR_GAIN)
+    assert (d["method"] == "kd").all()
+    # cnn_s's CE run is the same run in two roles
+    cnn_s_ce = q2[(q2["model"] == "cnn_s") & (q2["method"] == "ce")]
+    assert cnn_s_ce.groupby("run_id")["role"].apply(sorted).tolist() == \
+        [["student alone", "teacher"]] * F
+    assert "ce+posthoc" not in set(q2["method"])
+
+
+def test_q2_gains_and_answer_q2_numbers():
+    q2 = A.q2_runs(run_rows(), EXP)
+    gains = A.q2_gains(q2)
+    assert len(gains) == 2 * 4  # two metrics x four cells
+    g = gains[gains["metric"] == "f1_LGG"].set_index(["teacher_model", "model"])
+    alone = q2[q2["role"] == "student alone"].set_index(["model", "fold"])["f1_LGG"]
+    for (t, m), row in g.iterrows():
+        d = q2[(q2["role"] == "distilled") & (q2["teacher_model"] == t) & (q2["model"] == m)]
+        diffs = [r["f1_LGG"] - alone[(m, r["fold"])] for _, r in d.iterrows()]
+        assert row["mean_diff"] == pytest.approx(np.mean(diffs))
+        assert row["n_pairs"] == 3
+        assert row["teacher_model_params"] == PARAMS[t] and row["model_params"] == PARAMS[m]
+    np.testing.assert_allclose(g["p_holm"], holm(g["p_corrected_t"]))
+
+    text = A.answer_q2(gains, q2, alpha=0.05)
+    teachers = q2[q2["role"] == "teacher"].groupby("model")["f1_LGG"].mean().sort_values()
+    listed = ", ".join(f"{m} {v:.3f}" for m, v in teachers.items())
+    assert f"Teachers alone reach f1_LGG: {listed}." in text
+    best = g["mean_diff"].idxmax()
+    worst = g["mean_diff"].idxmin()
+    assert best == ("cnn_m", "cnn_xs") and worst == ("cnn_s", "cnn_s")
+    assert f"**cnn_m -> cnn_xs**, {g.loc[best, 'mean_diff']:+.3f} over the student alone" in text
+    assert f"(Holm p = {g.loc[best, 'p_holm']:.3f})" in text
+    assert f"worst: cnn_s -> cnn_s, {g.loc[worst, 'mean_diff']:+.3f}" in text
+    n_sig = int((g["p_holm"] < 0.05).sum())
+    assert f"- {n_sig} of 4 teacher x student cells" in text
+    rho = sps.spearmanr(g["teacher_model_params"], g["mean_diff"]).statistic
+    ratio = g["teacher_model_params"] / g["model_params"]
+    rho2 = sps.spearmanr(ratio, g["mean_diff"]).statistic
+    assert (f"teacher's parameter count: {rho:+.2f}; with the teacher/student size ratio: "
+            f"{rho2:+.2f}") in text
+    assert A.answer_q2(gains.iloc[:0], q2) == "No teacher x student runs were found."
+
+
+def test_example_runs_pick_one_run_per_method_and_the_teacher():
+    runs = run_rows()
+    picked = A.example_runs(runs, EXP, 4, ["ce", "dkd", "ce", "nosuch"])
+    assert list(picked) == ["ce", "dkd", "teacher cnn_m"]
+    assert all(r["fold"] == 0 and r["seed"] == 0 and r["ratio"] == 4.0 for r in picked.values())
+    assert picked["teacher cnn_m"]["model"] == "cnn_m" and picked["dkd"]["model"] == "cnn_xs"
+    nat = A.example_runs(runs, EXP, None, ["kd"])
+    assert np.isnan(nat["kd"]["ratio"]) and nat["kd"]["teacher_model"] == "cnn_m"
+
+
+# ---------------------------------------------------------------- tables and tests
+
+
+def test_method_order():
+    methods = ["kd", "dkd", "ce", "focal", "kd_original", "ce+posthoc", "kd+logit_adjusted",
+               "weighted_ce", "bkd", "ldam_drw"]
+    assert A.method_order(methods) == ["ce", "ce+posthoc", "focal", "ldam_drw", "weighted_ce",
+                                       "bkd", "dkd", "kd", "kd+logit_adjusted", "kd_original"]
+    assert A.method_order(["kd", "focal"]) == ["focal", "kd"]
+    assert A.method_order([]) == []
+
+
+def test_method_order_keeps_sampler_baselines_with_the_baselines():
+    assert A.method_order(["kd", "ce+oversample", "focal", "ce"]) == [
+        "ce", "ce+oversample", "focal", "kd"]
+
+
+def synthetic(folds=5):
+    runs = synthetic_runs({"ce": 0.0, "weighted_ce": 0.06, "kd": 0.01, "dkd": 0.03}, folds=folds,
+                          ratios=(float("nan"), 4.0), noise=0.005, seed=1)
+    return runs.assign(patient_balanced_accuracy=runs["macro_f1"] + 0.1)
+
+
+def test_summary_table_order_and_values():
+    runs = synthetic()
+    s = A.summary_table(runs, metrics=["f1_LGG", "macro_f1"])
+    assert s["method"].tolist() == ["ce", "weighted_ce", "dkd", "kd"] * 2
+    assert s["ratio"].iloc[:4].eq(4.0).all() and s["ratio"].iloc[4:].isna().all()
+    assert (s["n_runs"] == 5).all() and s["method"].map(type).eq(str).all()
+    for _, row in s.iterrows():
+        same = runs["ratio"].isna() if pd.isna(row["ratio"]) else runs["ratio"] == row["ratio"]
+        part = runs[(runs["method"] == row["method"]) & same]
+        assert row["f1_LGG_mean"] == pytest.approx(part["f1_LGG"].mean())
+        assert row["macro_f1_std"] == pytest.approx(part["macro_f1"].std(ddof=1))
+    by_method = A.summary_table(runs, metrics=["f1_LGG"], by=["method"])
+    assert by_method["method"].tolist() == ["ce", "weighted_ce", "dkd", "kd"]
+    assert (by_method["n_runs"] == 10).all()
+
+
+def test_paired_tests_by_hand():
+    runs = synthetic()
+    tests = A.paired_tests(runs, metrics=["f1_LGG", "macro_f1"])
+    assert len(tests) == 2 * 3 * 2  # metrics x methods x ratios
+    assert set(tests["method"]) == {"weighted_ce", "kd", "dkd"}
+    def at(method, ratio, metric):
+        same = runs["ratio"].isna() if pd.isna(ratio) else runs["ratio"] == ratio
+        return runs[(runs["method"] == method) & same].set_index("fold")[metric]
+
+    for _, row in tests.iterrows():
+        ours, ce = (at(m, row["ratio"], row["metric"]) for m in (row["method"], "ce"))
+        assert row["n_pairs"] == 5 and row["mean_diff"] == pytest.approx((ours - ce).mean())
+        assert row["baseline_mean"] == pytest.approx(ce.mean())
+    for _, part in tests.groupby("metric"):  # Holm over the methods and ratios of one metric
+        np.testing.assert_allclose(part["p_holm"], holm(part["p_corrected_t"]))
+
+
+def fake_boot(tests):
+    """A bootstrap table with the columns answer_q1 reads, with recognisable CI bounds."""
+    rows = [{"method": r["method"], "ratio": r["ratio"], "metric": r["metric"],
+             "diff_low": r["mean_diff"] - 0.0111, "diff_high": r["mean_diff"] + 0.0222}
+            for _, r in tests.iterrows()]
+    return pd.DataFrame(rows)
+
+
+def test_answer_q1_numbers_match_the_tables():
+    runs = synthetic()
+    tests = A.paired_tests(runs, metrics=["f1_LGG"])
+    text = A.answer_q1(tests, fake_boot(tests), metric="f1_LGG", alpha=0.05)
+    paragraphs = [line for line in text.splitlines() if line.startswith("- **At")]
+    assert [p.split("**")[1] for p in paragraphs] == ["At 4:1", "At the natural ratio"]
+    groups = [tests[tests["ratio"] == 4.0], tests[tests["ratio"].isna()]]
+    for para, grp in zip(paragraphs, groups, strict=True):
+        best = grp.loc[grp["mean_diff"].idxmax()]
+        assert best["method"] == "weighted_ce"
+        assert f"reaches f1_LGG = {grp['baseline_mean'].iloc[0]:.3f}." in para
+        assert f"**weighted_ce**: {best['mean_diff']:+.3f} over 5 folds" in para
+        assert (f"[{best['mean_diff'] - 0.0111:+.3f}, {best['mean_diff'] + 0.0222:+.3f}]") in para
+        assert (f"corrected-t p = {best['p_corrected_t']:.3f}, "
+                f"Holm-adjusted p = {best['p_holm']:.3f}") in para
+        kd = grp[grp["method"].isin(["kd", "dkd"])].sort_values("mean_diff").iloc[-1]
+        assert kd["method"] == "dkd"
+        assert (f"The best distillation method is dkd ({kd['mean_diff']:+.3f}, "
+                f"Holm p = {kd['p_holm']:.3f})") in para
+        sig = grp[grp["p_holm"] < 0.05]
+        assert f"{len(sig)} of 3 methods differ from CE" in para
+        listed = re.search(r"p < 0.05(: (.*))?\.$", para).group(2)
+        assert (listed.split(", ") if listed else []) == sig["method"].tolist()
+
+
+def test_answer_q1_reports_the_few_folds_caveat():
+    runs = synthetic(folds=3)
+    tests = A.paired_tests(runs, metrics=["f1_LGG"])
+    text = A.answer_q1(tests, fake_boot(tests).iloc[:0])
+    assert "*Caveat:* only 3 pairs" in text and "over 3 folds," in text
+    assert "CI of the fold-mean gain" not in text  # no bootstrap rows: no interval quoted
+
+
+# ---------------------------------------------------------------- bootstrap over fake run folders
+
+
+@pytest.fixture(scope="module")
+def fake_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fake_runs")
+    rows = []
+    spec = [("ce", np.nan, f) for f in range(3)] + [("kd", np.nan, f) for f in range(3)] + \
+        [("ce", 4.0, 0), ("kd", 4.0, 0), ("kd", 4.0, 1)]  # kd fold 1 at 4:1 has no CE partner
+    for i, (method, ratio, fold) in enumerate(spec):
+        rid = f"{method}-f{fold}-r{ratio}-{i}"
+        (root / rid).mkdir()
+        skill = 1.0 + (0.6 if method == "kd" else 0.0)
+        synthetic_predictions(12, 6, skill=skill, seed=i).to_csv(root / rid / "predictions.csv",
+                                                                 index=False)
+        rows.append({"run_id": rid, "method": method, "fold": fold, "ratio": ratio, "seed": 0,
+                     "path": str(root / rid)})
+    return pd.DataFrame(rows)
+
+
+def test_bootstrap_table_estimates_are_fold_means(fake_runs):
+    metrics = ["f1_LGG", "macro_f1", "patient_balanced_accuracy"]
+    boot = A.bootstrap_table(fake_runs, metrics=metrics, n_boot=40, seed=0)
+    assert len(boot) == 4 * len(metrics)  # (ce, kd) x (natural, 4:1) groups
+    per_run = {r["run_id"]: quiet(run_metrics, load_predictions(r["path"]))
+               for _, r in fake_runs.iterrows()}
+
+    def mean_of(method, natural, metric):
+        sel = fake_runs[(fake_runs["method"] == method)
+                        & (fake_runs["ratio"].isna() if natural else fake_runs["ratio"] == 4.0)]
+        return np.mean([per_run[r][metric] for r in sel["run_id"]]), len(sel)
+
+    for _, row in boot.iterrows():
+        natural = pd.isna(row["ratio"])
+        est, n = mean_of(row["method"], natural, row["metric"])
+        assert row["estimate"] == pytest.approx(est) and row["n_runs"] == n
+        assert row["n_patients"] == 12 and row["low"] <= row["high"]
+        if row["method"] == "kd" and natural:
+            base, _ = mean_of("ce", True, row["metric"])
+            assert row["diff"] == pytest.approx(est - base)
+            assert row["diff_low"] <= row["diff_high"]
+        else:  # CE itself, or kd at 4:1 where one fold lacks its CE run
+            assert np.isnan(row["diff"]) and np.isnan(row["diff_low"])
+    kd_nat = boot[(boot["method"] == "kd") & boot["ratio"].isna() & (boot["metric"] == "macro_f1")]
+    assert kd_nat["diff"].iloc[0] > 0  # the more skilful runs win
+    again = A.bootstrap_table(fake_runs, metrics=metrics, n_boot=40, seed=0)
+    pd.testing.assert_frame_equal(boot, again)

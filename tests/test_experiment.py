@@ -1,0 +1,226 @@
+"""kdlib.experiment: validation, the runs of both questions counted by hand, and the helpers of
+notebooks 02-03 on a tiny trained run set."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers_train import make_cache, write_splits
+
+from kdlib.errors import ConfigError
+from kdlib.experiment import Experiment, best_validation, histories, run_table, select_runs
+from kdlib.grid import run_grid
+from kdlib.runs import load_history, load_runs, method_name, run_id
+from kdlib.train import TrainConfig
+
+CACHE, SPLITS = "data/cache/c.h5", "runs/x/splits.csv"  # never opened by configs()
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_defaults_and_list_coercion():
+    exp = Experiment(ratios=[1, 4], seeds=[0, 1], folds=[], baseline_losses=["ce"], modalities="t1")
+    assert exp.ratios == (1, 4) and exp.seeds == (0, 1) and exp.baseline_losses == ("ce",)
+    assert exp.folds is None and exp.modalities == ("t1",)
+    assert Experiment(ratios=None).ratios == (None,)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"baseline_losses": ("focal", "weighted_ce")}, "must include 'ce'"),
+    ({"ratios": (None, 0.5)}, r"ratio=0.5 must lie in \[1.0"),
+    ({"grid_ratio": 0.9}, r"ratio=0.9 must lie in \[1.0"),
+    ({"weights": ""}, "weights=''"),
+])
+def test_validation(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        Experiment(**kw)
+
+
+@pytest.mark.parametrize("kw", [{"seeds": []}, {"ratios": []}])
+def test_empty_seeds_or_ratios_are_rejected(kw):
+    with pytest.raises(ConfigError, match=next(iter(kw))):
+        Experiment(**kw)
+
+
+# ---------------------------------------------------------------- configs counted by hand
+
+
+def kinds(configs):
+    return Counter((c.model, method_name(c), c.ratio) for c in configs)
+
+
+def check_structure(exp, configs, folds):
+    """Teachers first, students matched to a teacher of the same fold/ratio/seed, no duplicates."""
+    ids = [run_id(c) for c in configs]
+    assert len(set(ids)) == len(ids)
+    by_id = dict(zip(ids, configs))
+    first_student = next(i for i, c in enumerate(configs) if c.distiller)
+    assert all(c.distiller is None for c in configs[:first_student])
+    for i, c in enumerate(configs):
+        assert c.epochs == exp.epochs and c.modalities == exp.modalities and c.cache == CACHE
+        assert c.fold in folds and c.seed in exp.seeds
+        if c.distiller:
+            t = by_id[c.teacher]  # a run id of this experiment
+            assert ids.index(c.teacher) < first_student <= i
+            assert t.distiller is None and t.task_loss == exp.teacher_loss
+            assert (t.fold, t.ratio, t.seed) == (c.fold, c.ratio, c.seed)
+            assert c.cache_teacher_logits is exp.cache_teacher_logits
+            q1 = c.model == exp.student and c.ratio in exp.ratios and t.model == exp.teacher
+            assert q1 or (c.model in exp.grid_students and t.model in exp.grid_teachers
+                          and c.ratio == exp.grid_ratio and c.distiller == exp.grid_distiller)
+        else:
+            assert not c.cache_teacher_logits
+
+
+def test_configs_with_overlapping_questions():
+    # the q1 teacher is a grid teacher, the q1 student a grid student, grid_ratio one of ratios:
+    # the shared runs must appear once
+    exp = Experiment(ratios=(None, 4), grid_ratio=4, teacher="cnn_l", student="cnn_xs",
+                     grid_teachers=("cnn_m", "cnn_l"), grid_students=("cnn_xs", "cnn_s"),
+                     epochs=1, device="cpu")
+    configs = exp.configs(CACHE, SPLITS, [0, 1])
+    F, R, S = 2, 2, 1
+    teachers = F * R * S + 2 * F * S - F * S  # cnn_l at both ratios; cnn_m, cnn_l at 4 (one shared)
+    q1 = (6 + 3 + 1 + 1) * F * R * S  # 6 baselines, 3 distillers, kd+logit_adjusted, kd_original
+    grid_alone = 2 * F * S - F * S  # cnn_xs/ce at 4 is a q1 baseline
+    grid_kd = 2 * 2 * F * S - F * S  # cnn_l -> cnn_xs kd at 4 is a q1 run
+    assert len(configs) == teachers + q1 + grid_alone + grid_kd == 58
+    n = kinds(configs)
+    assert n["cnn_l", "ce", None] == n["cnn_l", "ce", 4.0] == n["cnn_m", "ce", 4.0] == F
+    assert n["cnn_xs", "kd", 4.0] == 2 * F  # from cnn_l (q1 and grid) and from cnn_m (grid)
+    assert n["cnn_xs", "kd", None] == F and n["cnn_s", "kd", 4.0] == 2 * F
+    assert n["cnn_s", "ce", 4.0] == F and n["cnn_s", "ce", None] == 0
+    for m in ("ce", "weighted_ce", "ldam_drw", "dkd", "bkd", "kd+logit_adjusted", "kd_original"):
+        assert n["cnn_xs", m, None] == n["cnn_xs", m, 4.0] == F, m
+    check_structure(exp, configs, [0, 1])
+
+
+def test_configs_with_separate_questions_and_a_shared_model():
+    # cnn_s is both a grid teacher and a grid student (its CE run is one config); q1 at ratios
+    # 1 and 8, the grid at the natural ratio; two folds chosen by the experiment, two seeds
+    exp = Experiment(folds=(0, 2), ratios=(1, 8), seeds=(0, 1), grid_ratio=None, teacher="cnn_l",
+                     student="cnn_xs", grid_teachers=("cnn_s", "cnn_m"),
+                     grid_students=("cnn_xs", "cnn_s"), cache_teacher_logits=True, epochs=1)
+    configs = exp.configs(CACHE, SPLITS, [0, 1, 2])
+    FRS, FS = 2 * 2 * 2, 2 * 2
+    teachers = FRS + 2 * FS
+    q1 = (6 + 3 + 1 + 1) * FRS
+    grid_alone = 2 * FS - FS  # cnn_s/ce at natural is already a grid teacher
+    grid_kd = 2 * 2 * FS
+    assert len(configs) == teachers + q1 + grid_alone + grid_kd == 124
+    assert {c.fold for c in configs} == {0, 2} and {c.seed for c in configs} == {0, 1}
+    n = kinds(configs)
+    assert n["cnn_s", "ce", None] == FS and n["cnn_m", "ce", None] == FS
+    assert n["cnn_xs", "ce", None] == FS and n["cnn_xs", "ce", 1.0] == n["cnn_xs", "ce", 8.0] == FS
+    check_structure(exp, configs, [0, 2])
+    # the grid: every teacher x student cell once per fold and seed
+    by_id = {run_id(c): c for c in configs}
+    for fold, seed in itertools.product((0, 2), (0, 1)):
+        cells = sorted((by_id[c.teacher].model, c.model) for c in configs if c.distiller == "kd"
+                       and c.ratio is None and (c.fold, c.seed) == (fold, seed))
+        assert cells == sorted(itertools.product(("cnn_s", "cnn_m"), ("cnn_xs", "cnn_s")))
+    original = [c for c in configs if c.distill_params.get("original")]
+    assert len(original) == FRS
+    assert all(c.distiller == "kd" and c.task_loss == "ce" and c.model == "cnn_xs"
+               and by_id[c.teacher].model == "cnn_l" and method_name(c) == "kd_original"
+               for c in original)
+    assert all(c.cache_teacher_logits for c in configs if c.distiller)
+
+
+def test_configs_without_distillation_or_grid():
+    exp = Experiment(baseline_losses=("ce", "focal"), distillers=(), kd_task_losses=(),
+                     kd_original=False, grid_teachers=(), ratios=(4,))
+    configs = exp.configs(CACHE, SPLITS, [0, 1, 2])
+    assert [(c.model, c.task_loss) for c in configs[:3]] == [("cnn_l", "ce")] * 3
+    assert Counter((c.model, c.task_loss, c.fold) for c in configs[3:]) == Counter(
+        (m, loss, f) for m, loss, f in itertools.product(["cnn_xs"], ["ce", "focal"], [0, 1, 2]))
+    assert all(c.distiller is None and c.ratio == 4.0 for c in configs)
+
+
+def test_run_table_columns_and_values():
+    exp = Experiment(ratios=(None, 4), grid_ratio=4, teacher="cnn_l", epochs=1)
+    configs = exp.configs(CACHE, SPLITS, [0])
+    t = run_table(configs)
+    assert list(t.columns) == ["run_id", "model", "method", "teacher", "fold", "ratio", "seed"]
+    assert t["run_id"].tolist() == [run_id(c) for c in configs]
+    assert t["method"].tolist() == [method_name(c) for c in configs]
+    kd = t[t["method"] == "kd_original"]
+    assert len(kd) == 2 and kd["teacher"].str.startswith("cnn_l-ce-f0-").all()
+    assert t.loc[t["teacher"].isna(), "method"].isin(exp.baseline_losses).all()
+
+
+# ---------------------------------------------------------------- a tiny trained set
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    cache = make_cache(root, n_hgg=6, n_lgg=6, slices=4, size=16)
+    splits = write_splits(cache, root / "splits.csv")
+    exp = Experiment(modalities=("flair", "t1"), folds=(0,), epochs=2, batch_size=8, device="cpu",
+                     teacher="cnn_s", student="cnn_xs", baseline_losses=("ce",), distillers=("kd",),
+                     kd_task_losses=(), kd_original=False, grid_teachers=(), grid_students=())
+    configs = exp.configs(str(cache), str(splits), [0, 1])
+    assert [method_name(c) for c in configs] == ["ce", "ce", "kd"]
+    runs_dir = root / "runs"
+    run_grid(configs, runs_dir, progress=False)
+    extra = TrainConfig.from_dict({**configs[1].to_dict(), "task_loss": "focal"})  # not planned
+    run_grid([extra], runs_dir, progress=False)
+    return {"configs": configs, "runs": load_runs(runs_dir), "extra": run_id(extra)}
+
+
+def test_select_runs_keeps_the_planned_finished_runs(trained):
+    configs, runs = trained["configs"], trained["runs"]
+    assert len(runs) == 4
+    sel = select_runs(runs, configs)
+    assert sorted(sel["run_id"]) == sorted(run_id(c) for c in configs)
+    assert trained["extra"] not in set(sel["run_id"]) and list(sel.index) == [0, 1, 2]
+    assert len(select_runs(runs, configs[:1])) == 1
+    assert select_runs(runs.iloc[:0], configs).empty
+
+
+def test_histories_attach_the_run_columns(trained):
+    sel = select_runs(trained["runs"], trained["configs"])
+    hist = histories(sel)
+    assert len(hist) == 3 * 2
+    for col in ("run_id", "method", "model", "teacher_model", "ratio", "fold", "seed", "epoch",
+                "val_macro_f1", "val_f1_LGG", "val_recall_LGG"):
+        assert col in hist.columns, col
+    for _, row in sel.iterrows():
+        part = hist[hist["run_id"] == row["run_id"]].reset_index(drop=True)
+        own = load_history(row["path"])
+        np.testing.assert_allclose(part["val_macro_f1"], own["val_macro_f1"])
+        assert (part["model"] == row["model"]).all() and (part["method"] == row["method"]).all()
+    kd = hist[hist["method"] == "kd"]
+    assert (kd["teacher_model"] == "cnn_s").all() and kd["train_kd"].notna().all()
+    empty = histories(sel.iloc[:0])
+    assert empty.empty and "run_id" in empty.columns
+
+
+def test_best_validation_at_each_runs_best_epoch(trained):
+    sel = select_runs(trained["runs"], trained["configs"])
+    hist = histories(sel)
+    best = best_validation(sel, hist, by=["model", "method"])
+    metrics = ("val_macro_f1", "val_f1_LGG", "val_recall_LGG")
+    assert list(best.columns) == ["model", "method"] + [
+        f"{m}_{s}" for m in metrics for s in ("mean", "std")]
+    assert len(best) == 3 and best["val_macro_f1_std"].isna().all()  # one run per group
+    at_best = {}
+    for _, row in sel.iterrows():
+        h = load_history(row["path"]).set_index("epoch")
+        at_best[row["run_id"]] = h.loc[row["best_epoch"]]
+        got = best[(best["model"] == row["model"]) & (best["method"] == row["method"])].iloc[0]
+        for m in ("val_macro_f1", "val_f1_LGG", "val_recall_LGG"):
+            assert got[f"{m}_mean"] == pytest.approx(h.loc[row["best_epoch"], m])
+    # grouped by method only: the teacher's and the student's CE runs are averaged
+    by_method = best_validation(sel, hist, by=["method"], metrics=("val_macro_f1",))
+    ce = [at_best[r]["val_macro_f1"] for r in sel.loc[sel["method"] == "ce", "run_id"]]
+    row = by_method[by_method["method"] == "ce"].iloc[0]
+    assert row["val_macro_f1_mean"] == pytest.approx(np.mean(ce))
+    assert row["val_macro_f1_std"] == pytest.approx(np.std(ce, ddof=1), nan_ok=True)
+    assert isinstance(by_method, pd.DataFrame) and len(by_method) == 2
