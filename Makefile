@@ -26,10 +26,10 @@ run: $(STAMP)  ## run the notebook chain for PROFILE=name (e.g. make run PROFILE
 	$(BIN)/kdlib run --profile $(PROFILE)
 
 test: $(STAMP)  ## unit tests plus the smoke notebook chain
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 test-fast: $(STAMP)  ## unit tests only (skips the notebook chain)
-	$(BIN)/python -m pytest -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow"
 
 lab: $(STAMP)  ## open the notebooks in JupyterLab from the project's environment
 	$(BIN)/jupyter lab notebooks/

@@ -167,9 +167,23 @@ def _fmt_ratio(r) -> str:
     return "the natural ratio" if pd.isna(r) else f"{float(r):g}:1"
 
 
+def _p(value: float) -> str:
+    """A p-value for prose; NaN means every fold gave the same difference (no test possible)."""
+    return "n/a (identical in every fold)" if pd.isna(value) else f"{value:.3f}"
+
+
+def teacher_scores(runs: pd.DataFrame, exp: Experiment, metric: str = f"f1_{MINORITY}"
+                   ) -> pd.Series:
+    """Question 1's teacher: mean `metric` over folds/seeds per training ratio (NaN = natural)."""
+    t = runs[(runs["model"] == exp.teacher) & runs["distiller"].isna()
+             & (runs["method"] == exp.teacher_loss) & _in_ratios(runs["ratio"], exp.ratios)]
+    return t.groupby("ratio", dropna=False)[metric].mean()
+
+
 def answer_q1(tests: pd.DataFrame, boot: pd.DataFrame, metric: str = f"f1_{MINORITY}",
-              alpha: float = 0.05) -> str:
-    """Markdown paragraphs answering question 1 from the paired tests and bootstrap of `metric`."""
+              alpha: float = 0.05, teacher: pd.Series | None = None) -> str:
+    """Markdown paragraphs answering question 1 from the paired tests and bootstrap of `metric`
+    (and, when given, the teacher's own score per ratio from `teacher_scores`)."""
     t = tests[tests["metric"] == metric]
     b = boot[(boot["metric"] == metric)]
     lines = []
@@ -177,18 +191,21 @@ def answer_q1(tests: pd.DataFrame, boot: pd.DataFrame, metric: str = f"f1_{MINOR
         best = grp.sort_values("mean_diff", ascending=False).iloc[0]
         base = grp["baseline_mean"].iloc[0]
         sig = grp[grp["p_holm"] < alpha]
-        kd_like = grp[grp["method"].str.contains("kd")]
-        kd_best = kd_like.sort_values("mean_diff", ascending=False).iloc[0] if len(kd_like) else None
+        kd_like = grp[grp["method"].map(is_distilled)].sort_values("mean_diff", ascending=False)
         bb = b[(b["method"] == best["method"]) & (_in_ratios(b["ratio"], [ratio]))]
         ci = (f" (paired patient-bootstrap 95% CI of the fold-mean gain "
               f"[{bb['diff_low'].iloc[0]:+.3f}, {bb['diff_high'].iloc[0]:+.3f}])") if len(bb) else ""
-        text = (f"- **At {_fmt_ratio(ratio)}**, the CE student reaches {metric} = {base:.3f}. "
-                f"The largest mean gain over CE is **{best['method']}**: "
-                f"{best['mean_diff']:+.3f} over {int(best['n_pairs'])} folds{ci}, corrected-t "
-                f"p = {best['p_corrected_t']:.3f}, Holm-adjusted p = {best['p_holm']:.3f}.")
-        if kd_best is not None and kd_best["method"] != best["method"]:
-            text += (f" The best distillation method is {kd_best['method']} "
-                     f"({kd_best['mean_diff']:+.3f}, Holm p = {kd_best['p_holm']:.3f}).")
+        text = f"- **At {_fmt_ratio(ratio)}**, the CE student reaches {metric} = {base:.3f}"
+        if teacher is not None:
+            own = teacher[[k for k in teacher.index if _ratio_key(k) == _ratio_key(ratio)
+                           or (pd.isna(k) and pd.isna(ratio))]]
+            text += f" and its teacher {own.iloc[0]:.3f}" if len(own) else ""
+        text += (f". The largest mean gain over CE is **{best['method']}**: "
+                 f"{best['mean_diff']:+.3f} over {int(best['n_pairs'])} folds{ci}, corrected-t "
+                 f"p = {_p(best['p_corrected_t'])}, Holm-adjusted p = {_p(best['p_holm'])}.")
+        if len(kd_like):
+            kd_txt = ", ".join(f"{r['method']} {r['mean_diff']:+.3f}" for _, r in kd_like.iterrows())
+            text += f" Distillation methods, gain over CE: {kd_txt}."
         text += (f" {len(sig)} of {len(grp)} methods differ from CE at Holm-adjusted p < {alpha}"
                  + (f": {', '.join(sig['method'])}." if len(sig) else "."))
         lines.append(text)
@@ -235,8 +252,8 @@ def answer_q2(gains: pd.DataFrame, runs: pd.DataFrame, metric: str = f"f1_{MINOR
     return "\n".join([
         f"- Teachers alone reach {metric}: {teacher_txt}.",
         f"- Best pair: **{best['teacher_model']} -> {best['model']}**, {best['mean_diff']:+.3f} "
-        f"over the student alone (Holm p = {best['p_holm']:.3f}); worst: {worst['teacher_model']} "
-        f"-> {worst['model']}, {worst['mean_diff']:+.3f} (Holm p = {worst['p_holm']:.3f}).",
+        f"over the student alone (Holm p = {_p(best['p_holm'])}); worst: {worst['teacher_model']} "
+        f"-> {worst['model']}, {worst['mean_diff']:+.3f} (Holm p = {_p(worst['p_holm'])}).",
         f"- {len(sig)} of {len(g)} teacher x student cells differ from the student alone at "
         f"Holm-adjusted p < {alpha}.",
         f"- Spearman correlation of the gain with the teacher's parameter count: {rho:+.2f}; with "
