@@ -15,7 +15,7 @@ from kdlib import CLASSES
 from kdlib.cli import build_parser, main
 from kdlib.data.cache import cache_summary, load_slice_table
 from kdlib.data.splits import load_splits
-from kdlib.runs import run_id
+from kdlib.runs import load_runs, run_id
 from kdlib.train import TrainConfig
 from kdlib.workbook import read_manifest
 
@@ -90,6 +90,17 @@ def test_prepare_prints_the_class_summary(tmp_path, monkeypatch, capsys):
     splits = load_splits(man["splits"])
     assert sorted(set(splits["fold"])) == [-1, 0, 1]
     assert pd.Series(splits["fold"] == -1).sum() == 2  # 25 % of each grade held out
+
+    # a teacher and a distilled student on that synthetic data, through `kdlib grid`
+    spec = {"base": {"cache": man["cache"], "splits": man["splits"], "epochs": 1, "fold": 1},
+            "teachers": {"model": "cnn_s"},
+            "students": {"model": "cnn_xs", "distiller": "kd", "teacher": {"model": "cnn_s"}}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["grid", "--config", str(tmp_path / "grid.yaml")]) == 0
+    runs = load_runs(tmp_path / "runs" / "cli")
+    assert sorted(runs["method"]) == ["ce", "kd"]
+    student = runs[runs["method"] == "kd"].iloc[0]
+    assert student["teacher_model"] == "cnn_s" and student["n_test_subjects"] == 2
 
 
 @pytest.fixture(scope="module")
