@@ -251,13 +251,13 @@ def answer_q2(gains: pd.DataFrame, runs: pd.DataFrame, metric: str = f"f1_{MINOR
     teacher_txt = ", ".join(f"{m} {v:.3f}" for m, v in teachers.sort_values().items())
     return "\n".join([
         f"- Teachers alone reach {metric}: {teacher_txt}.",
-        f"- Best pair: **{best['teacher_model']} -> {best['model']}**, {best['mean_diff']:+.3f} "
+        (f"- Best pair: **{best['teacher_model']} -> {best['model']}**, {best['mean_diff']:+.3f} "
         f"over the student alone (Holm p = {_p(best['p_holm'])}); worst: {worst['teacher_model']} "
-        f"-> {worst['model']}, {worst['mean_diff']:+.3f} (Holm p = {_p(worst['p_holm'])}).",
-        f"- {len(sig)} of {len(g)} teacher x student cells differ from the student alone at "
-        f"Holm-adjusted p < {alpha}.",
-        f"- Spearman correlation of the gain with the teacher's parameter count: {rho:+.2f}; with "
-        f"the teacher/student size ratio: {rho_ratio:+.2f} (over {len(g)} cells).",
+        f"-> {worst['model']}, {worst['mean_diff']:+.3f} (Holm p = {_p(worst['p_holm'])})."),
+        (f"- {len(sig)} of {len(g)} teacher x student cells differ from the student alone at "
+        f"Holm-adjusted p < {alpha}."),
+        (f"- Spearman correlation of the gain with the teacher's parameter count: {rho:+.2f}; with "
+        f"the teacher/student size ratio: {rho_ratio:+.2f} (over {len(g)} cells)."),
     ])
 
 

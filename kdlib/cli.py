@@ -23,13 +23,13 @@ def _prepare(args: argparse.Namespace) -> None:
     from kdlib.data.cache import cache_summary, load_slice_table
     from kdlib.data.splits import load_splits, split_table
 
-    phantom = dict(n_hgg=args.hgg, n_lgg=args.lgg, shape=tuple(args.shape),
-                   difficulty=args.difficulty, seed=args.seed, workers=args.workers)
+    phantom = {"n_hgg": args.hgg, "n_lgg": args.lgg, "shape": tuple(args.shape),
+                   "difficulty": args.difficulty, "seed": args.seed, "workers": args.workers}
     ds = workbook.get_dataset(args.profile, args.source, args.data_root, phantom, args.volume_map)
     print(f"dataset: {ds['dataset']['root']} ({ds['dataset']['fmt']})")
-    cache = workbook.build_cache(args.profile, dict(image_size=args.image_size, workers=args.workers))
-    splits = workbook.build_splits(args.profile, dict(k_folds=args.folds, seed=args.seed,
-                                                      test_fraction=args.test_fraction))
+    cache = workbook.build_cache(args.profile, {"image_size": args.image_size, "workers": args.workers})
+    splits = workbook.build_splits(args.profile, {"k_folds": args.folds, "seed": args.seed,
+                                                      "test_fraction": args.test_fraction})
     table = load_slice_table(cache)
     print(f"cache:  {cache}\nsplits: {splits}\n")
     print("Subjects per grade and slices per class:")

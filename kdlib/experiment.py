@@ -77,9 +77,9 @@ class Experiment:
 
     def configs(self, cache: str, splits: str, folds: list[int]) -> list[TrainConfig]:
         """Every TrainConfig of the experiment (teachers first), for the given data and folds."""
-        base = dict(cache=cache, splits=splits, modalities=list(self.modalities), epochs=self.epochs,
-                    batch_size=self.batch_size, lr=self.lr, weights=self.weights,
-                    patience=self.patience, device=self.device)
+        base = {"cache": cache, "splits": splits, "modalities": list(self.modalities), "epochs": self.epochs,
+                    "batch_size": self.batch_size, "lr": self.lr, "weights": self.weights,
+                    "patience": self.patience, "device": self.device}
         folds = list(self.folds or folds)
         ratios = list(self.ratios)
         kd_extra = {"cache_teacher_logits": self.cache_teacher_logits}

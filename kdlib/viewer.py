@@ -16,7 +16,6 @@ from kdlib.paths import STATIC_ENV
 from kdlib.plots import figsize, thesis_style
 
 
-
 def slice_figure(image: np.ndarray, seg: np.ndarray, z: int, modalities: Sequence[str] = MODALITIES,
                  overlay: bool = True, title: str = "") -> Figure:
     """One axial slice `z` of a subject: a panel per modality, tumour sub-regions outlined."""

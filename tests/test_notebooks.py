@@ -10,8 +10,8 @@ import nbformat
 import pandas as pd
 import pytest
 
-from kdlib.pipeline import list_notebooks, load_profile, notebook_parameters, plan_run, run_profile
 from kdlib.paths import project_root
+from kdlib.pipeline import list_notebooks, load_profile, notebook_parameters, plan_run, run_profile
 
 NOTEBOOKS = list_notebooks()
 PROFILES = sorted(p.stem for p in (project_root() / "profiles").glob("*.yaml"))

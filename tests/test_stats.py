@@ -218,7 +218,7 @@ def test_bootstrap_fold_mean_reduces_to_single_run_and_pairwise_forms():
     b = synthetic_predictions(n_subjects=16, slices=6, seed=2)
     b[["subject_id", "slice", "label"]] = a[["subject_id", "slice", "label"]]
     metrics = ["macro_f1", "f1_LGG"]
-    kw = dict(metrics=metrics, n_boot=200, seed=3)
+    kw = {"metrics": metrics, "n_boot": 200, "seed": 3}
     one = bootstrap_fold_mean([a], **kw)
     pd.testing.assert_frame_equal(one, bootstrap_metrics(a, **kw))
     pd.testing.assert_frame_equal(bootstrap_fold_mean([a], [b], **kw),
