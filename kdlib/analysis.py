@@ -282,3 +282,11 @@ def example_runs(runs: pd.DataFrame, exp: Experiment, ratio: float | None,
 def is_distilled(method: str) -> bool:
     """True for the distillation methods (kd, kd_original, dkd, bkd, kd+<loss>)."""
     return method.split("+")[0] in ("kd", "kd_original", "dkd", "bkd")
+
+
+def ratio_axis(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """`table` with a numeric `ratio_axis` column for plots: the target ratio, or for the natural
+    ratio (NaN) the HGG:LGG ratio its training sets actually had (mean `train_ratio`, 1 decimal)."""
+    natural = runs.loc[runs["ratio"].isna(), "train_ratio"]
+    fill = round(float(natural.mean()), 1) if len(natural) else np.nan
+    return table.assign(ratio_axis=table["ratio"].astype(float).fillna(fill))

@@ -386,3 +386,10 @@ def test_teacher_scores_average_the_teachers_runs_per_ratio():
     natural = scores[scores.index.isna()]
     assert natural.iloc[0] == pytest.approx(t.loc[t["ratio"].isna(), "f1_LGG"].mean())
     assert len(scores) == 2
+
+
+def test_ratio_axis_places_the_natural_ratio_at_its_achieved_value():
+    runs = pd.DataFrame({"ratio": [4.0, np.nan, np.nan], "train_ratio": [4.0, 3.84, 4.02]})
+    table = pd.DataFrame({"ratio": [np.nan, 8.0]})
+    assert A.ratio_axis(table, runs)["ratio_axis"].tolist() == [3.9, 8.0]  # mean 3.93 -> 3.9
+    assert A.ratio_axis(table, runs.iloc[:1])["ratio_axis"].isna().tolist() == [True, False]
