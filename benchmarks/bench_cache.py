@@ -17,7 +17,8 @@ from pathlib import Path
 from kdlib import MODALITIES
 from kdlib.data.cache import PrepConfig, load_slice_table, prepare_cache
 from kdlib.data.loader import load_tensors
-from kdlib.data.phantom import PhantomConfig, make_phantom
+from kdlib.data.phantom import PhantomConfig
+from kdlib.data.phantom_files import make_phantom
 
 
 def main() -> None:

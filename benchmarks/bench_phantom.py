@@ -8,7 +8,8 @@ from __future__ import annotations
 import tempfile
 import time
 
-from kdlib.data.phantom import PhantomConfig, _templates, make_phantom, phantom_subject
+from kdlib.data.phantom import PhantomConfig, _templates, phantom_subject
+from kdlib.data.phantom_files import make_phantom
 
 
 def per_subject(shape: tuple[int, int, int], n: int) -> float:

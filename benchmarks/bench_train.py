@@ -16,8 +16,8 @@ import time
 
 import torch
 
+from kdlib.criterion import build_criterion
 from kdlib.data.loader import epoch_indices
-from kdlib.losses import build_criterion
 from kdlib.models import count_parameters, create_model
 from kdlib.train import AugmentConfig, FrozenTeacher, evaluate, lr_lambda, train_one_epoch
 

@@ -10,7 +10,8 @@ from kdlib.errors import KdlibError
 
 
 def _phantom(args: argparse.Namespace) -> None:
-    from kdlib.data.phantom import PhantomConfig, make_phantom
+    from kdlib.data.phantom import PhantomConfig
+    from kdlib.data.phantom_files import make_phantom
 
     cfg = PhantomConfig(n_hgg=args.hgg, n_lgg=args.lgg, shape=tuple(args.shape),
                         difficulty=args.difficulty, seed=args.seed, compress=args.compress,

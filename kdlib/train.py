@@ -1,9 +1,10 @@
 """One training loop for teachers, baselines and students: `train_one_epoch`, `evaluate`, `fit`.
 
 A baseline is a student without a teacher; distillation adds the frozen teacher's logits to what
-the criterion sees (kdlib.losses.build_criterion). `fit` writes a run folder (kdlib.runs): it trains
-in `runs_dir/.tmp-<run_id>`, checkpoints every epoch, resumes an interrupted run bit-for-bit, and
-renames the folder to `runs_dir/<run_id>` when the test predictions and metrics are written.
+the criterion sees (kdlib.criterion.build_criterion). `fit` writes a run folder (kdlib.runs): it
+trains in `runs_dir/.tmp-<run_id>`, checkpoints every epoch, resumes an interrupted run
+bit-for-bit, and renames the folder to `runs_dir/<run_id>` when the test predictions and metrics
+are written.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def train_one_epoch(
 def evaluate(model: nn.Module, x: torch.Tensor, batch_size: int = 256, amp: bool = False,
              channels_last: bool = False) -> torch.Tensor:
     """Outputs (N, classes) of `model` in eval mode on x, float32 on x's device: the logits, except
-    for a cosine head (ldam_drw), whose outputs times losses.logit_scale are the logits."""
+    for a cosine head (ldam_drw), whose outputs times criterion.logit_scale are the logits."""
     was_training = model.training
     model.eval()
     out = []
@@ -199,7 +200,7 @@ def validation_scores(logits: torch.Tensor, y: torch.Tensor, counts: list[int],
 
 def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     """The student (or teacher) network of a config, with a cosine head when its loss needs one."""
-    from kdlib.losses import needs_cosine_head
+    from kdlib.criterion import needs_cosine_head
     from kdlib.models import create_model, set_cosine_head
 
     model = create_model(cfg.model, num_classes=len(CLASSES), in_channels=len(cfg.modalities),
@@ -212,7 +213,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
 def load_teacher(cfg: TrainConfig, runs_dir: Path,
                  device: torch.device) -> tuple[FrozenTeacher, Path]:
     """Load the frozen teacher of `cfg` from its run folder; RunError when missing or mismatched."""
-    from kdlib.losses import logit_scale
+    from kdlib.criterion import logit_scale
 
     folder = _runs.teacher_dir(cfg.teacher, runs_dir)
     tcfg = load_train_config(folder / "config.yaml")
@@ -317,7 +318,7 @@ def fit(cfg: TrainConfig | Mapping[str, Any] | str | Path, runs_dir: str | Path,
 
 def _fit(cfg: TrainConfig, runs_dir: Path, rid: str, tmp: Path, final: Path,
          device: torch.device, progress: bool) -> Path:
-    from kdlib.losses import build_criterion, logit_scale
+    from kdlib.criterion import build_criterion, logit_scale
 
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)  # the student's init first: a baseline and its students share it

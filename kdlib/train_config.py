@@ -59,8 +59,8 @@ class TrainConfig:
     fold: the validation fold (the test set is fold -1 of the splits); ratio: the HGG:LGG subject
         ratio the training set is subsampled to (>= 1; None = natural).
     modalities: input channels, in this order. model, weights (None | "imagenet"): kdlib.models.
-    task_loss, loss_params: kdlib.losses.LOSSES and their settings; distiller (None | kd | dkd |
-        bkd), distill_params: kdlib.losses.DISTILLERS and their settings.
+    task_loss, loss_params: kdlib.criterion.LOSSES and their settings; distiller (None | kd | dkd |
+        bkd), distill_params: kdlib.criterion.DISTILLERS and their settings.
     teacher: the teacher's run folder, or its run id in the same runs dir (needs a distiller).
     cache_teacher_logits: compute the teacher's logits once, on the un-augmented training images.
         With augmentation on, the student then sees an augmented image but the teacher's answer for
@@ -156,17 +156,17 @@ class TrainConfig:
         self._check_methods()
 
     def _check_methods(self) -> None:
-        from kdlib import losses, models
+        from kdlib import criterion, models
 
         models.check_model_name(self.model)
-        check_choice("task_loss", self.task_loss, sorted(losses.LOSSES))
-        check_choice("distiller", self.distiller, [None, *sorted(losses.DISTILLERS)])
+        check_choice("task_loss", self.task_loss, sorted(criterion.LOSSES))
+        check_choice("distiller", self.distiller, [None, *sorted(criterion.DISTILLERS)])
         if self.distiller and not self.teacher:
             raise ConfigError(f"distiller={self.distiller!r} needs a teacher (a run folder or a "
                               "run id)")
         if self.teacher and not self.distiller:
             raise ConfigError(f"teacher={self.teacher!r} is set but distiller is None; set "
-                              f"distiller to one of {sorted(losses.DISTILLERS)} or drop the "
+                              f"distiller to one of {sorted(criterion.DISTILLERS)} or drop the "
                               "teacher")
         if self.distill_params and not self.distiller:
             raise ConfigError("distill_params are set but distiller is None")
@@ -180,12 +180,12 @@ class TrainConfig:
                 raise ConfigError(f"posthoc_tau with sampler={self.sampler!r}: the resampled model "
                                   "no longer learns the training prior that post-hoc adjustment "
                                   "removes; use sampler: none")
-        valid = losses.LOSS_DEFAULTS[self.task_loss]
+        valid = criterion.LOSS_DEFAULTS[self.task_loss]
         bad = sorted(set(self.loss_params) - set(valid))
         if bad:
             raise ConfigError(f"loss_params {bad} are not settings of "
                               f"task_loss={self.task_loss!r}; valid: {sorted(valid)}")
-        valid = losses.DISTILLER_DEFAULTS.get(self.distiller, {})
+        valid = criterion.DISTILLER_DEFAULTS.get(self.distiller, {})
         bad = sorted(set(self.distill_params) - set(valid))
         if bad:
             raise ConfigError(f"distill_params {bad} are not settings of "
@@ -196,7 +196,8 @@ class TrainConfig:
             raise ConfigError(f"{sorted(clash)} differ between loss_params and distill_params; a "
                               "setting shared by the task loss and the distiller takes one value")
         # the values themselves are checked by the criterion: now, not after the data is loaded
-        losses.build_criterion(self.task_loss, self.distiller, [2, 2, 1], self.epochs, self.loss_kw)
+        criterion.build_criterion(self.task_loss, self.distiller, [2, 2, 1], self.epochs,
+                                  self.loss_kw)
 
     @property
     def loss_kw(self) -> dict[str, Any]:

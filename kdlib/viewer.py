@@ -13,7 +13,7 @@ from kdlib import MODALITIES
 from kdlib.data.brats import SubjectRecord, load_subject
 from kdlib.errors import ConfigError
 from kdlib.paths import STATIC_ENV
-from kdlib.plots import figsize, thesis_style
+from kdlib.style import figsize, thesis_style
 
 
 def slice_figure(image: np.ndarray, seg: np.ndarray, z: int, modalities: Sequence[str] = MODALITIES,

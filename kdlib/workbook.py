@@ -15,7 +15,8 @@ import yaml
 
 from kdlib.config import check_choice, from_dict, to_dict
 from kdlib.data.cache import PrepConfig, load_slice_table, prepare_cache
-from kdlib.data.phantom import PhantomConfig, make_phantom
+from kdlib.data.phantom import PhantomConfig
+from kdlib.data.phantom_files import make_phantom
 from kdlib.data.splits import SplitConfig, load_splits, make_splits, save_splits, subject_table
 from kdlib.errors import ConfigError, DataError
 from kdlib.paths import ProfilePaths, profile_paths, resolve

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from kdlib.data.brats import discover, load_subject
-from kdlib.data.phantom import REAL_SHAPE, PhantomConfig, make_phantom, phantom_subject
+from kdlib.data.phantom import REAL_SHAPE, PhantomConfig, phantom_subject
+from kdlib.data.phantom_files import make_phantom
 
 
 def test_real_shape_subject_in_both_layouts(tmp_path):

@@ -12,8 +12,8 @@ import torch
 import yaml
 from helpers_train import make_cache, tiny_config, write_splits
 
+import kdlib.criterion
 import kdlib.data.loader
-import kdlib.losses
 import kdlib.runs
 import kdlib.train
 from kdlib import CLASSES
@@ -223,7 +223,7 @@ def test_resume_refuses_changed_data_or_config(data, tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_naming_epoch_and_step_and_keeps_checkpoint(data, tmp_path, monkeypatch):
-    real = kdlib.losses.build_criterion
+    real = kdlib.criterion.build_criterion
 
     def build(*args, **kw):
         crit, calls = real(*args, **kw), [0]
@@ -237,7 +237,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_checkpoint(data, tmp_pat
 
         return criterion
 
-    monkeypatch.setattr(kdlib.losses, "build_criterion", build)
+    monkeypatch.setattr(kdlib.criterion, "build_criterion", build)
     cfg = tiny_config(*data, epochs=3)
     match = r"nan at epoch 2, step 2 of 2.*checkpoint \(epoch 1\) is kept"
     with pytest.raises(RunError, match=match):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-import kdlib.data.phantom
+import kdlib.data.phantom_files
 from kdlib import CLASSES, MODALITIES
 from kdlib import workbook as wb
 from kdlib.data.cache import load_slice_table
@@ -89,7 +89,7 @@ def test_phantom_dataset_is_reused(ws, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the phantom was generated again")
 
-    monkeypatch.setattr(kdlib.data.phantom, "_write_subject", boom)
+    monkeypatch.setattr(kdlib.data.phantom_files, "_write_subject", boom)
     again = wb.get_dataset("other", "phantom", phantom=PHANTOM, progress=False)
     assert again["dataset"] == ws["dataset"]
     # different settings -> another folder

@@ -1,0 +1,44 @@
+"""kdlib.style: the sizes, the rcParams, the method colours and markers are fixed; figure names
+are checked."""
+
+import hashlib
+
+import matplotlib
+import matplotlib.pyplot as plt
+import pytest
+
+from kdlib import style as S
+from kdlib.errors import ConfigError
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def test_figsize_and_style():
+    assert S.figsize() == pytest.approx((5.787, 5.787 * 0.62), abs=1e-3)
+    assert S.figsize(0.5, 1.0, textwidth_pt=72.27) == (0.5, 0.5)
+    before = dict(matplotlib.rcParams)
+    with S.thesis_style():
+        assert matplotlib.rcParams["pdf.fonttype"] == 42
+        assert matplotlib.rcParams["font.family"][0] == "STIXGeneral"
+    assert matplotlib.rcParams["font.family"] == before["font.family"]
+
+
+def test_method_colours_are_fixed_and_stable():
+    assert S.method_color("ce") == "#000000" and S.method_color("kd") == S.METHOD_COLORS["kd"]
+    expected = S.TOL_MUTED[int(hashlib.md5(b"my_new_method").hexdigest(), 16) % 9]
+    assert S.method_color("my_new_method") == expected == S.method_color("my_new_method")
+    # every method has its own colour; "baseline" and "student alone" are names for ce
+    assert len(set(S.METHOD_COLORS.values())) == len(S.METHOD_COLORS) - 2
+    assert S.method_color("baseline") == S.method_color("student alone") == S.method_color("ce")
+    assert S.method_marker("kd") == S.method_marker("kd")
+
+
+def test_save_figure_rejects_bad_names(tmp_path):
+    with pytest.raises(ConfigError):
+        S.save_figure(plt.figure(), "a/b", root=tmp_path)
