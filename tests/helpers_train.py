@@ -87,3 +87,9 @@ def tiny_config(cache: Path, splits: Path, **over: Any) -> dict[str, Any]:
     }
     cfg.update(over)
     return cfg
+
+
+def tiny_train_data(root: Path) -> tuple[Path, Path]:
+    """The tiny cache (12 subjects x 4 slices, 16 px) and its splits that the engine tests share."""
+    cache = make_cache(root, n_hgg=6, n_lgg=6, slices=4, size=16)
+    return cache, write_splits(cache, root / "splits.csv")

@@ -9,7 +9,7 @@ import nbformat
 import pandas as pd
 import pytest
 import yaml
-from helpers_train import make_cache, tiny_config, write_splits
+from helpers_train import tiny_config, tiny_train_data
 
 from kdlib import CLASSES
 from kdlib.cli import build_parser, main
@@ -105,9 +105,7 @@ def test_prepare_prints_the_class_summary(tmp_path, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli_data")
-    cache = make_cache(root, n_hgg=6, n_lgg=6, slices=4, size=16)
-    return cache, write_splits(cache, root / "splits.csv")
+    return tiny_train_data(tmp_path_factory.mktemp("cli_data"))
 
 
 def test_train_and_grid_subcommands(tiny_data, tmp_path, capsys):

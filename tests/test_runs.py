@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from helpers_train import make_cache, tiny_config, write_splits
+from helpers_train import tiny_config, tiny_train_data
 
 from kdlib.errors import RunError
 from kdlib.runs import load_predictions, load_runs, run_id
@@ -14,9 +14,7 @@ from kdlib.train import TrainConfig
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    cache = make_cache(root, n_hgg=6, n_lgg=6, slices=4, size=16)
-    return cache, write_splits(cache, root / "splits.csv")
+    return tiny_train_data(tmp_path_factory.mktemp("data"))
 
 
 def cfg(data, **over):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers_train import make_cache, tiny_config, write_splits
+from helpers_train import tiny_config, tiny_train_data
 
 import kdlib.criterion
 import kdlib.data.loader
@@ -25,9 +25,7 @@ from kdlib.train import FrozenTeacher, TrainConfig, fit, load_train_config
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    cache = make_cache(root, n_hgg=6, n_lgg=6, slices=4, size=16)
-    return cache, write_splits(cache, root / "splits.csv")
+    return tiny_train_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
