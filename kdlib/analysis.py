@@ -17,8 +17,8 @@ from kdlib.metrics import run_metrics
 from kdlib.runs import load_predictions
 from kdlib.stats import bootstrap_fold_mean, compare_to_baseline, summarize_runs
 
-Q_METRICS: tuple[str, ...] = (f"f1_{MINORITY}", f"recall_{MINORITY}", "macro_f1",
-                              "balanced_accuracy", "patient_balanced_accuracy")
+Q_METRICS: tuple[str, ...] = (f"f1_{MINORITY}", f"recall_{MINORITY}", f"precision_{MINORITY}",
+                              "macro_f1", "balanced_accuracy", "patient_balanced_accuracy")
 """The metrics both questions are judged on (minority F1 first)."""
 
 BASELINE = "ce"
@@ -172,6 +172,18 @@ def _p(value: float) -> str:
     return "n/a (identical in every fold)" if pd.isna(value) else f"{value:.3f}"
 
 
+def _side_effects(tests: pd.DataFrame, method: str, ratio) -> str:
+    """What a minority gain cost elsewhere: the method's macro-F1 and LGG precision vs CE's."""
+    row = tests[(tests["method"] == method) & _in_ratios(tests["ratio"], [ratio])]
+    parts = []
+    for metric, name in (("macro_f1", "macro-F1"), (f"precision_{MINORITY}", "LGG precision")):
+        r = row[row["metric"] == metric]
+        if len(r):
+            parts.append(f"{name} {r['method_mean'].iloc[0]:.3f} against CE's "
+                         f"{r['baseline_mean'].iloc[0]:.3f}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def teacher_scores(runs: pd.DataFrame, exp: Experiment, metric: str = f"f1_{MINORITY}"
                    ) -> pd.Series:
     """Question 1's teacher: mean `metric` over folds/seeds per training ratio (NaN = natural)."""
@@ -202,7 +214,8 @@ def answer_q1(tests: pd.DataFrame, boot: pd.DataFrame, metric: str = f"f1_{MINOR
             text += f" and its teacher {own.iloc[0]:.3f}" if len(own) else ""
         text += (f". The largest mean gain over CE is **{best['method']}**: "
                  f"{best['mean_diff']:+.3f} over {int(best['n_pairs'])} folds{ci}, corrected-t "
-                 f"p = {_p(best['p_corrected_t'])}, Holm-adjusted p = {_p(best['p_holm'])}.")
+                 f"p = {_p(best['p_corrected_t'])}, Holm-adjusted p = {_p(best['p_holm'])}"
+                 f"{_side_effects(tests, best['method'], ratio)}.")
         if len(kd_like):
             kd_txt = ", ".join(f"{r['method']} {r['mean_diff']:+.3f}" for _, r in kd_like.iterrows())
             text += f" Distillation methods, gain over CE: {kd_txt}."

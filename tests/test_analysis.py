@@ -393,3 +393,15 @@ def test_ratio_axis_places_the_natural_ratio_at_its_achieved_value():
     table = pd.DataFrame({"ratio": [np.nan, 8.0]})
     assert A.ratio_axis(table, runs)["ratio_axis"].tolist() == [3.9, 8.0]  # mean 3.93 -> 3.9
     assert A.ratio_axis(table, runs.iloc[:1])["ratio_axis"].isna().tolist() == [True, False]
+
+
+def test_answer_q1_reports_what_the_best_method_cost_elsewhere():
+    runs = synthetic(folds=3).assign(precision_LGG=lambda d: d["f1_LGG"] - 0.2)
+    tests = A.paired_tests(runs, metrics=["f1_LGG", "macro_f1", "precision_LGG"])
+    text = A.answer_q1(tests, fake_boot(tests).iloc[:0])
+    at4 = tests[tests["ratio"] == 4.0]
+    best = at4[at4["metric"] == "f1_LGG"].sort_values("mean_diff").iloc[-1]["method"]
+    m = at4[(at4["method"] == best) & (at4["metric"] == "macro_f1")].iloc[0]
+    p = at4[(at4["method"] == best) & (at4["metric"] == "precision_LGG")].iloc[0]
+    assert (f"(macro-F1 {m['method_mean']:.3f} against CE's {m['baseline_mean']:.3f}; "
+            f"LGG precision {p['method_mean']:.3f} against CE's {p['baseline_mean']:.3f}).") in text
