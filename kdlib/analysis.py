@@ -31,7 +31,8 @@ def _ratio_key(value) -> float:
         else float(value)
 
 
-def _in_ratios(col: pd.Series, ratios: Sequence) -> pd.Series:
+def in_ratios(col: pd.Series, ratios: Sequence) -> pd.Series:
+    """Rows of a ratio column that are in `ratios`, None/NaN standing for the natural ratio."""
     keys = [_ratio_key(r) for r in ratios]
     natural = any(math.isnan(k) for k in keys)
     return col.isin([k for k in keys if not math.isnan(k)]) | (col.isna() & natural)
@@ -79,7 +80,7 @@ def add_posthoc(runs: pd.DataFrame, tau: float = 1.0, of: str = BASELINE) -> pd.
 
 def q1_runs(runs: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
     """Question 1: the student's runs (baselines and distilled from `exp.teacher`) at `exp.ratios`."""
-    r = runs[(runs["model"] == exp.student) & _in_ratios(runs["ratio"], exp.ratios)]
+    r = runs[(runs["model"] == exp.student) & in_ratios(runs["ratio"], exp.ratios)]
     return r[r["distiller"].isna() | (r["teacher_model"] == exp.teacher)].reset_index(drop=True)
 
 
@@ -87,7 +88,7 @@ def q2_runs(runs: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
     """Question 2 at `grid_ratio`, one row per run and role: `teacher` (grid teachers alone),
     `student alone` (grid students, CE) and `distilled` (grid students with `grid_distiller` from a
     grid teacher). A CE run of a model in both lists appears twice, once per role."""
-    r = runs[_in_ratios(runs["ratio"], [exp.grid_ratio])]
+    r = runs[in_ratios(runs["ratio"], [exp.grid_ratio])]
     alone = r["distiller"].isna()
     roles = {
         "teacher": alone & r["model"].isin(exp.grid_teachers) & (r["method"] == exp.teacher_loss),
@@ -174,7 +175,7 @@ def _p(value: float) -> str:
 
 def _side_effects(tests: pd.DataFrame, method: str, ratio) -> str:
     """What a minority gain cost elsewhere: the method's macro-F1 and LGG precision vs CE's."""
-    row = tests[(tests["method"] == method) & _in_ratios(tests["ratio"], [ratio])]
+    row = tests[(tests["method"] == method) & in_ratios(tests["ratio"], [ratio])]
     parts = []
     for metric, name in (("macro_f1", "macro-F1"), (f"precision_{MINORITY}", "LGG precision")):
         r = row[row["metric"] == metric]
@@ -188,7 +189,7 @@ def teacher_scores(runs: pd.DataFrame, exp: Experiment, metric: str = f"f1_{MINO
                    ) -> pd.Series:
     """Question 1's teacher: mean `metric` over folds/seeds per training ratio (NaN = natural)."""
     t = runs[(runs["model"] == exp.teacher) & runs["distiller"].isna()
-             & (runs["method"] == exp.teacher_loss) & _in_ratios(runs["ratio"], exp.ratios)]
+             & (runs["method"] == exp.teacher_loss) & in_ratios(runs["ratio"], exp.ratios)]
     return t.groupby("ratio", dropna=False)[metric].mean()
 
 
@@ -204,7 +205,7 @@ def answer_q1(tests: pd.DataFrame, boot: pd.DataFrame, metric: str = f"f1_{MINOR
         base = grp["baseline_mean"].iloc[0]
         sig = grp[grp["p_holm"] < alpha]
         kd_like = grp[grp["method"].map(is_distilled)].sort_values("mean_diff", ascending=False)
-        bb = b[(b["method"] == best["method"]) & (_in_ratios(b["ratio"], [ratio]))]
+        bb = b[(b["method"] == best["method"]) & (in_ratios(b["ratio"], [ratio]))]
         ci = (f" (paired patient-bootstrap 95% CI of the fold-mean gain "
               f"[{bb['diff_low'].iloc[0]:+.3f}, {bb['diff_high'].iloc[0]:+.3f}])") if len(bb) else ""
         text = f"- **At {_fmt_ratio(ratio)}**, the CE student reaches {metric} = {base:.3f}"
@@ -279,13 +280,13 @@ def example_runs(runs: pd.DataFrame, exp: Experiment, ratio: float | None,
     """One run per method of question 1's student (first fold and seed) at `ratio`, plus the
     teacher's run of that fold, keyed by display name (for confusion, ROC and calibration plots)."""
     q1 = q1_runs(runs, exp)
-    at = q1[_in_ratios(q1["ratio"], [ratio])]
+    at = q1[in_ratios(q1["ratio"], [ratio])]
     fold, seed = at["fold"].min(), at["seed"].min()
     at = at[(at["fold"] == fold) & (at["seed"] == seed)]
     out = {m: at[at["method"] == m].iloc[0] for m in dict.fromkeys(methods)
            if (at["method"] == m).any()}
     t = runs[(runs["model"] == exp.teacher) & runs["distiller"].isna()
-             & (runs["method"] == exp.teacher_loss) & _in_ratios(runs["ratio"], [ratio])
+             & (runs["method"] == exp.teacher_loss) & in_ratios(runs["ratio"], [ratio])
              & (runs["fold"] == fold) & (runs["seed"] == seed)]
     if len(t):
         out[f"teacher {exp.teacher}"] = t.iloc[0]
@@ -303,3 +304,9 @@ def ratio_axis(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     natural = runs.loc[runs["ratio"].isna(), "train_ratio"]
     fill = round(float(natural.mean()), 1) if len(natural) else np.nan
     return table.assign(ratio_axis=table["ratio"].astype(float).fillna(fill))
+
+
+def best_method(tests: pd.DataFrame, ratio: float | None, metric: str = f"f1_{MINORITY}") -> str:
+    """The method with the largest mean gain over CE in `metric` at `ratio` (paired_tests rows)."""
+    at = tests[(tests["metric"] == metric) & in_ratios(tests["ratio"], [ratio])]
+    return str(at.sort_values("mean_diff").iloc[-1]["method"])

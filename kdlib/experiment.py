@@ -75,6 +75,12 @@ class Experiment:
                 check_range("ratio", float(r), 1.0)
         check_choice("weights", self.weights, (None, "imagenet"))
 
+    @property
+    def strongest_ratio(self) -> float | None:
+        """The most imbalanced training ratio of question 1 (None when only the natural one)."""
+        given = [float(r) for r in self.ratios if r is not None]
+        return max(given) if given else None
+
     def configs(self, cache: str, splits: str, folds: list[int]) -> list[TrainConfig]:
         """Every TrainConfig of the experiment (teachers first), for the given data and folds."""
         base = {"cache": cache, "splits": splits, "modalities": list(self.modalities), "epochs": self.epochs,

@@ -86,6 +86,11 @@ def method_marker(name: str) -> str:
     return MARKERS[keys.index(name) % len(MARKERS)] if name in keys else MARKERS[_hash(name, 9)]
 
 
+def slug(text: str) -> str:
+    """A figure-name-safe version of a display name: `teacher cnn_s` -> `teacher_cnn_s`."""
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", str(text)).strip("_")
+
+
 def save_figure(fig: Figure, name: str, profile: str = "default", root: str | Path = "figures",
                 dpi: int = 300, formats: Sequence[str] = ("pdf", "png")) -> dict[str, Path]:
     """Write <root>/<profile>/<name>.pdf (TrueType fonts, fonttype 42) and .png; return the paths."""

@@ -43,6 +43,12 @@ def format_ci(estimate: float, low: float, high: float, digits: int = 2) -> str:
     return f"{_fmt(estimate, digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
 
 
+def format_ci_column(df: pd.DataFrame, estimate: str, low: str, high: str, digits: int = 3
+                     ) -> list[str]:
+    """format_ci of every row of `df` (column names of the estimate and its interval)."""
+    return [format_ci(e, lo, hi, digits) for e, lo, hi in zip(df[estimate], df[low], df[high])]
+
+
 def mean_std_table(summary: pd.DataFrame, metrics: Sequence[str], by: Sequence[str] = ("method",),
                    digits: int = 3) -> pd.DataFrame:
     """Format the output of stats.summarize_runs: one 'mean ± std' column per metric."""

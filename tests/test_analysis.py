@@ -405,3 +405,10 @@ def test_answer_q1_reports_what_the_best_method_cost_elsewhere():
     p = at4[(at4["method"] == best) & (at4["metric"] == "precision_LGG")].iloc[0]
     assert (f"(macro-F1 {m['method_mean']:.3f} against CE's {m['baseline_mean']:.3f}; "
             f"LGG precision {p['method_mean']:.3f} against CE's {p['baseline_mean']:.3f}).") in text
+
+
+def test_best_method_at_a_ratio():
+    tests = A.paired_tests(synthetic(folds=3), metrics=["f1_LGG"])
+    for ratio in (4.0, None):
+        at = tests[A.in_ratios(tests["ratio"], [ratio])]
+        assert A.best_method(tests, ratio) == at.loc[at["mean_diff"].idxmax(), "method"]

@@ -224,3 +224,9 @@ def test_best_validation_at_each_runs_best_epoch(trained):
     assert row["val_macro_f1_mean"] == pytest.approx(np.mean(ce))
     assert row["val_macro_f1_std"] == pytest.approx(np.std(ce, ddof=1), nan_ok=True)
     assert isinstance(by_method, pd.DataFrame) and len(by_method) == 2
+
+
+def test_strongest_ratio():
+    assert Experiment(ratios=[1, 16, 4]).strongest_ratio == 16.0
+    assert Experiment(ratios=[None, 8]).strongest_ratio == 8.0
+    assert Experiment(ratios=[None]).strongest_ratio is None

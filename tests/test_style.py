@@ -42,3 +42,9 @@ def test_method_colours_are_fixed_and_stable():
 def test_save_figure_rejects_bad_names(tmp_path):
     with pytest.raises(ConfigError):
         S.save_figure(plt.figure(), "a/b", root=tmp_path)
+
+
+def test_slug_makes_display_names_safe_figure_names():
+    assert S.slug("teacher cnn_s") == "teacher_cnn_s"
+    assert S.slug("kd+logit_adjusted") == "kd_logit_adjusted"
+    assert S.slug(" a/b ") == "a_b"

@@ -78,3 +78,10 @@ def test_nan_cells_and_bad_arguments(tmp_path):
         write_table(df, "../x", root=tmp_path)
     with pytest.raises(ConfigError, match="nothing to write"):
         write_table(df.iloc[:0], "x", root=tmp_path)
+
+
+def test_format_ci_column():
+    from kdlib.tables import format_ci_column
+
+    df = pd.DataFrame({"e": [0.5, 0.25], "lo": [0.4, float("nan")], "hi": [0.6, 0.3]})
+    assert format_ci_column(df, "e", "lo", "hi", digits=2) == ["0.50 [0.40, 0.60]", "0.25"]
