@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from kdlib import MODALITIES
 from kdlib.config import check_choice, from_dict, to_dict
 from kdlib.data.cache import PrepConfig, load_slice_table, prepare_cache
 from kdlib.data.phantom import PhantomConfig
@@ -20,6 +21,7 @@ from kdlib.data.phantom_files import make_phantom
 from kdlib.data.splits import SplitConfig, load_splits, make_splits, save_splits, subject_table
 from kdlib.errors import ConfigError, DataError
 from kdlib.paths import ProfilePaths, profile_paths, resolve
+from kdlib.runs import write_yaml
 
 SOURCES = ("phantom", "nifti", "h5")
 MANIFEST = "manifest.yaml"
@@ -40,9 +42,7 @@ def update_manifest(profile: str, **entries: Any) -> dict[str, Any]:
     path = paths.runs / MANIFEST
     data = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
     data.update(entries)
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
+    write_yaml(path, data)
     return data
 
 
@@ -56,12 +56,14 @@ def get_dataset(
     data_root: str = "",
     phantom: dict[str, Any] | None = None,
     volume_map: str = "",
+    channel_order: list[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Generate the synthetic dataset (source="phantom") or locate real BraTS2020 files; record it.
 
     The phantom goes to data/synthetic/<hash of its settings>/ and is reused when complete.
-    Real data: `data_root` (env vars expand, e.g. $BRATS_ROOT) holding the NIfTI or H5 layout.
+    Real data: `data_root` (env vars expand, e.g. $BRATS_ROOT) holding the NIfTI or H5 layout;
+    for H5, `channel_order` is the order of the image channels (default FLAIR, T1, T1ce, T2).
     """
     check_choice("source", source, SOURCES)
     if source == "phantom":
@@ -73,6 +75,7 @@ def get_dataset(
         reader: dict[str, Any] = {}
         if cfg.write_h5:
             root, fmt = out / "BraTS2020_training_data", "h5"
+            reader["channel_order"] = list(cfg.h5_channel_order)
     else:
         if not data_root or "$" in os.path.expandvars(data_root):
             raise ConfigError(f"source={source!r} needs data_root: the folder with the BraTS2020 files "
@@ -82,7 +85,11 @@ def get_dataset(
             raise DataError(f"data_root {root} does not exist; see data/README.md for where the "
                             "Kaggle files go")
         fmt = source
-        reader = {"volume_map": str(resolve(volume_map))} if (volume_map and fmt == "h5") else {}
+        reader = {}
+        if fmt == "h5":
+            reader["channel_order"] = list(channel_order or MODALITIES)
+            if volume_map:
+                reader["volume_map"] = str(resolve(volume_map))
     return update_manifest(profile, dataset={"source": source, "root": str(root), "fmt": fmt,
                                              "reader": reader})
 
@@ -210,5 +217,7 @@ def grid_devices(device: str = "auto", workers: int = 1) -> list[str] | None:
 
     if workers < 1:
         raise ConfigError(f"workers={workers!r} must be >= 1")
+    if device.startswith("cuda:"):
+        return [device]  # that GPU only, not every GPU of the machine
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     return ["cpu"] * workers if on_cpu and workers > 1 else None

@@ -134,7 +134,7 @@ def test_configs_with_separate_questions_and_a_shared_model():
 
 def test_configs_without_distillation_or_grid():
     exp = Experiment(baseline_losses=("ce", "focal"), distillers=(), kd_task_losses=(),
-                     kd_original=False, grid_teachers=(), ratios=(4,))
+                     kd_original=False, grid_teachers=(), ratios=(4,), teacher="cnn_l")
     configs = exp.configs(CACHE, SPLITS, [0, 1, 2])
     assert [(c.model, c.task_loss) for c in configs[:3]] == [("cnn_l", "ce")] * 3
     assert Counter((c.model, c.task_loss, c.fold) for c in configs[3:]) == Counter(
@@ -164,7 +164,8 @@ def trained(tmp_path_factory):
     splits = write_splits(cache, root / "splits.csv")
     exp = Experiment(modalities=("flair", "t1"), folds=(0,), epochs=2, batch_size=8, device="cpu",
                      teacher="cnn_s", student="cnn_xs", baseline_losses=("ce",), distillers=("kd",),
-                     kd_task_losses=(), kd_original=False, grid_teachers=(), grid_students=())
+                     kd_task_losses=(), kd_original=False, grid_teachers=(), grid_students=(),
+                     ratios=(None,))
     configs = exp.configs(str(cache), str(splits), [0, 1])
     assert [method_name(c) for c in configs] == ["ce", "ce", "kd"]
     runs_dir = root / "runs"
@@ -230,3 +231,26 @@ def test_strongest_ratio():
     assert Experiment(ratios=[1, 16, 4]).strongest_ratio == 16.0
     assert Experiment(ratios=[None, 8]).strongest_ratio == 8.0
     assert Experiment(ratios=[None]).strongest_ratio is None
+
+
+def test_ratio_must_be_a_number_or_null():
+    with pytest.raises(ConfigError, match="null for the natural ratio"):
+        Experiment(ratios=["natural"])
+
+
+def test_experiment_defaults_are_the_notebooks_defaults():
+    import ast
+
+    from kdlib.pipeline import list_notebooks, notebook_parameters
+
+    fields = Experiment.__dataclass_fields__
+    default = Experiment()
+    for path in list_notebooks()[2:]:
+        for name, info in notebook_parameters(path).items():
+            if name not in fields:
+                continue
+            value = ast.literal_eval(info["default"])
+            value = {"folds": value or None, "weights": value or None}.get(name, value)
+            ours = getattr(default, name)
+            assert (list(ours) if isinstance(ours, tuple) else ours) == \
+                (list(value) if isinstance(value, (list, tuple)) else value), (path.name, name)

@@ -129,7 +129,8 @@ def test_real_data_root_is_resolved_and_recorded(tmp_path, monkeypatch):
     assert ds == {"source": "nifti", "root": str(tmp_path / "brats"), "fmt": "nifti", "reader": {}}
     ds = wb.get_dataset("real", "h5", data_root="$KDLIB_TEST_ROOT", volume_map="map.csv")["dataset"]
     assert ds["fmt"] == "h5" and ds["root"] == str(tmp_path / "brats")
-    assert ds["reader"] == {"volume_map": str(tmp_path / "map.csv")}
+    assert ds["reader"] == {"channel_order": ["flair", "t1", "t1ce", "t2"],
+                            "volume_map": str(tmp_path / "map.csv")}
     assert wb.read_manifest("real")["dataset"] == ds
 
 
@@ -294,3 +295,16 @@ def test_grid_devices(monkeypatch):
     assert wb.grid_devices("auto", 3) == ["cpu"] * 3
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert wb.grid_devices("auto", 3) is None
+
+
+def test_phantom_h5_channel_order_is_recorded_for_the_reader(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDLIB_HOME", str(tmp_path))
+    order = ["t2", "t1", "t1ce", "flair"]
+    ds = wb.get_dataset("h5order", "phantom", phantom={"n_hgg": 1, "n_lgg": 1, "shape": (24, 24, 16),
+                                                       "write_h5": True, "h5_channel_order": order},
+                        progress=False)["dataset"]
+    assert ds["fmt"] == "h5" and ds["reader"] == {"channel_order": order}
+
+
+def test_grid_devices_keeps_an_explicit_gpu():
+    assert wb.grid_devices("cuda:1", 2) == ["cuda:1"]
