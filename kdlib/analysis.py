@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kdlib import CLASSES, MINORITY
+from kdlib import CLASSES, MINORITY, criterion
 from kdlib.experiment import Experiment
 from kdlib.metrics import run_metrics
 from kdlib.runs import load_predictions
@@ -294,8 +294,9 @@ def example_runs(runs: pd.DataFrame, exp: Experiment, ratio: float | None,
 
 
 def is_distilled(method: str) -> bool:
-    """True for the distillation methods (kd, kd_original, dkd, bkd, kd+<loss>)."""
-    return method.split("+")[0] in ("kd", "kd_original", "dkd", "bkd")
+    """True for the distillation methods: a kdlib.criterion.DISTILLERS name or kd_original,
+    alone or with a task loss (kd+<loss>)."""
+    return method.split("+")[0] in {*criterion.DISTILLERS, "kd_original"}
 
 
 def ratio_axis(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:

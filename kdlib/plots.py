@@ -19,7 +19,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from kdlib import CLASSES, MINORITY, MODALITIES
 from kdlib.errors import DataError
-from kdlib.metrics import arrays, check_predictions, reliability_table, slice_scores
+from kdlib.metrics import arrays, check_predictions, confusion, reliability_table, slice_scores
 from kdlib.style import CLASS_COLORS, OKABE_ITO, _styled, figsize, method_color, method_marker
 
 
@@ -27,6 +27,11 @@ def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise DataError(f"{what}: column(s) {missing} missing; the table has {list(df.columns)}")
+
+
+def _nonempty(df: pd.DataFrame, what: str, why: str = "the table has no rows") -> None:
+    if df.empty:
+        raise DataError(f"{what}: nothing to plot ({why})")
 
 
 def _pretty(col: str) -> str:
@@ -214,10 +219,8 @@ def _annotate_matrix(ax, values: np.ndarray, fmt: str) -> None:
 @_styled
 def plot_confusion(pred: pd.DataFrame) -> Figure:
     """Confusion matrix as counts (left) and normalised by true class (right)."""
-    y, P = arrays(check_predictions(pred))
-    cm = np.bincount(y * 3 + P.argmax(axis=1), minlength=9).reshape(3, 3).astype(float)
-    with np.errstate(invalid="ignore"):
-        norm = cm / cm.sum(axis=1, keepdims=True)
+    cm = confusion(pred).to_numpy(float)
+    norm = confusion(pred, "true").to_numpy(float)
     fig, axes = plt.subplots(1, 2, figsize=figsize(1.0, 0.44), layout="constrained")
     for ax, values, fmt, title in ((axes[0], cm, "{:,.0f}", "counts"),
                                    (axes[1], norm, "{:.2f}", "normalised by true class")):
@@ -326,6 +329,7 @@ def plot_per_class_f1(table: pd.DataFrame, hue: str = "method", prefix: str = "f
                                         "low": table[f"{m}_mean"] - table[f"{m}_std"].fillna(0),
                                         "high": table[f"{m}_mean"] + table[f"{m}_std"].fillna(0)})
                           for m in metrics])
+    _nonempty(long, "plot_per_class_f1", f"no row of the metrics {metrics}")
     names = list(pd.unique(long[hue]))
     fig, ax = plt.subplots(figsize=figsize(1.0, 0.42), layout="constrained")
     w = 0.7 / max(len(names), 1)
@@ -347,10 +351,12 @@ def plot_gain_vs_ratio(gains: pd.DataFrame, hue: str = "method", x: str = "ratio
     """Gain over the baseline against the training imbalance ratio (log2 axis), with CIs; input:
     compare_to_baseline(..., by=("method", "ratio"), pair_on=(..., "ratio"))."""
     _need(gains, [hue, x, y, low, high], "plot_gain_vs_ratio")
+    _nonempty(gains, "plot_gain_vs_ratio")
     g = gains[np.isfinite(gains[x].astype(float))]
     if len(g) < len(gains):
         warnings.warn(f"plot_gain_vs_ratio: {len(gains) - len(g)} row(s) without a numeric {x} "
                       "(natural ratio?) are not drawn", stacklevel=3)
+    _nonempty(g, "plot_gain_vs_ratio", f"no row with a numeric {x}")
     names = list(pd.unique(g[hue]))
     fig, ax = plt.subplots(figsize=figsize(1.0, 0.5), layout="constrained")
     ax.axhline(0, color="0.5", lw=0.6, ls="--")
@@ -379,6 +385,7 @@ def plot_gain_heatmap(gains: pd.DataFrame, row: str | None = None, col: str | No
     row = _first(gains, row, ("teacher", "teacher_model"))
     col = _first(gains, col, ("student", "model"))
     _need(gains, [row, col, value], "plot_gain_heatmap")
+    _nonempty(gains, "plot_gain_heatmap")
     if gains.duplicated([row, col]).any():
         raise DataError(f"plot_gain_heatmap: several rows per ({row}, {col}) cell; filter first "
                         "(one metric, one ratio)")
@@ -431,6 +438,7 @@ def plot_metric_vs_params(runs: pd.DataFrame, metric: str = f"f1_{MINORITY}",
     params = _first(runs, params, ("student_params", "params"))
     label = _first(runs, label, ("student", "model"))
     _need(runs, [metric, params, hue], "plot_metric_vs_params")
+    _nonempty(runs, "plot_metric_vs_params")
     keys = [hue, params] + ([label] if label and label in runs.columns else [])
     s = runs.groupby(keys, dropna=False)[metric].agg(["mean", "std"]).reset_index()
     names = list(pd.unique(runs[hue]))

@@ -27,10 +27,14 @@ import yaml
 
 from kdlib.config import read_yaml, to_dict
 from kdlib.errors import RunError
-from kdlib.paths import resolve
+from kdlib.paths import output_root, resolve
 
 if TYPE_CHECKING:
     from kdlib.train import TrainConfig
+
+RUN_VERSION = 1
+"""Version of the training code's results, part of every run id: bump it when a change to kdlib
+makes the same config give other numbers, so such runs are retrained instead of reused."""
 
 EXECUTION_SETTINGS: tuple[str, ...] = ("device", "deterministic")
 """Settings that say where/how a run executes, not what it is: left out of the run id."""
@@ -50,12 +54,22 @@ def canonical(value: Any) -> Any:
     return value
 
 
+def portable_path(path: str | Path) -> str:
+    """A data path as the run id sees it: relative to the output root (posix) when it lies under
+    it, so moving the project or KDLIB_HOME keeps the ids; else absolute."""
+    full, root = resolve(path).resolve(), output_root().resolve()
+    return full.relative_to(root).as_posix() if full.is_relative_to(root) else full.as_posix()
+
+
 def config_identity(cfg: TrainConfig) -> dict[str, Any]:
-    """The normalised settings that define a run: all but EXECUTION_SETTINGS, the teacher reduced to
-    its folder name (a run id), whole floats as ints."""
+    """The normalised settings that define a run: all but EXECUTION_SETTINGS, cache and splits as
+    `portable_path`s, the teacher reduced to its folder name (a run id), whole floats as ints, plus
+    `run_version` (RUN_VERSION)."""
     d = {k: v for k, v in to_dict(cfg).items() if k not in EXECUTION_SETTINGS}
+    d["cache"], d["splits"] = portable_path(d["cache"]), portable_path(d["splits"])
     if d.get("teacher"):
         d["teacher"] = Path(d["teacher"]).name
+    d["run_version"] = RUN_VERSION
     return canonical(d)
 
 
@@ -113,8 +127,27 @@ def data_fingerprint(cache_h5: Path, splits_csv: Path) -> dict[str, Any]:
             "cache_bytes": Path(cache_h5).stat().st_size}
 
 
+def execution_identity(device: torch.device) -> dict[str, Any]:
+    """What of the device changes a run's numbers: its type, and whether it trains under bf16
+    autocast (CUDA)."""
+    return {"device_type": device.type, "autocast": device.type == "cuda"}
+
+
+def _describe(execution: Mapping[str, Any]) -> str:
+    if "autocast" not in execution:
+        return "a device it did not record (an older kdlib)"
+    return f"{execution['device_type']} ({'bf16 autocast' if execution['autocast'] else 'float32'})"
+
+
 def check_resume(current: dict[str, Any], saved: dict[str, Any], folder: Path) -> None:
-    """RunError naming the settings (or data files) that differ from the checkpoint's."""
+    """RunError naming the settings (or data files) that differ from the checkpoint's, or when the
+    run would continue with(out) autocast after starting without (with) it."""
+    now, then = current.get("execution", {}), saved.get("execution", {})
+    if now.get("autocast") != then.get("autocast"):
+        raise RunError(f"cannot resume {folder}: it was started on {_describe(then)} and would "
+                       f"continue on {_describe(now)}, mixing precisions in one run; resume it on "
+                       f"the same kind of device (set device accordingly) or delete {folder} to "
+                       "start over")
     diffs = []
     for part in ("config", "data"):
         now, then = current[part], saved.get(part, {})
@@ -227,7 +260,8 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def load_runs(runs_dir: str | Path) -> pd.DataFrame:
     """One row per finished run: run_id, method, teacher_model, the config flattened
     (`augment.flip`, `loss_params.gamma`; modalities joined by `+`; ratio NaN = natural), every
-    metric (teacher_params NaN without a teacher), and path."""
+    metric (teacher_params NaN without a teacher), `env.device` (where it trained, from env.json:
+    CPU and GPU runs differ in precision) and path."""
     runs_dir = Path(runs_dir)
     rows = []
     for folder in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
@@ -236,15 +270,18 @@ def load_runs(runs_dir: str | Path) -> pd.DataFrame:
         cfg = read_yaml(folder / "config.yaml")
         teacher_model = None
         if cfg.get("teacher"):
-            for t in (runs_dir / Path(cfg["teacher"]).name, resolve(cfg["teacher"])):
-                if (t / "config.yaml").is_file():
-                    teacher_model = read_yaml(t / "config.yaml").get("model")
-                    break
+            try:
+                teacher_model = read_yaml(teacher_dir(cfg["teacher"], runs_dir)
+                                          / "config.yaml").get("model")
+            except RunError:
+                pass
+        env = folder / "env.json"
+        device = json.loads(env.read_text()).get("device") if env.is_file() else None
         rows.append({"run_id": folder.name, "method": method_name(cfg),
                      "teacher_model": teacher_model, **_flatten(cfg), **load_metrics(folder),
-                     "path": str(folder)})
+                     "env.device": device, "path": str(folder)})
     if not rows:
-        return pd.DataFrame(columns=["run_id", "method", "teacher_model", "path"])
+        return pd.DataFrame(columns=["run_id", "method", "teacher_model", "env.device", "path"])
     df = pd.DataFrame(rows)
     if "teacher_params" not in df:
         df["teacher_params"] = float("nan")

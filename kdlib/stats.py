@@ -36,8 +36,20 @@ HEADLINE: tuple[str, ...] = ("macro_f1", "balanced_accuracy", "f1_LGG", "recall_
 WILCOXON_MIN_PAIRS = 6
 
 
+def check_boot_settings(n_boot: int | None = None, ci: float | None = None) -> None:
+    """Raise ConfigError unless n_boot is an integer >= 1 and ci a level strictly between 0 and 1."""
+    if n_boot is not None and (isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer))
+                               or n_boot < 1):
+        raise ConfigError(f"n_boot={n_boot!r} must be an integer >= 1 (e.g. 2000)")
+    if ci is not None and (isinstance(ci, bool) or not isinstance(ci, (int, float, np.number))
+                           or not 0 < ci < 1):
+        raise ConfigError(f"ci={ci!r} must be a confidence level strictly between 0 and 1 "
+                          "(e.g. 0.95, not 95)")
+
+
 def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
     """(n_boot, n) unit indices drawn with replacement, as scipy.stats.bootstrap draws them."""
+    check_boot_settings(n_boot=n_boot)
     return np.random.default_rng(seed).integers(0, n, (n_boot, n))
 
 
@@ -48,6 +60,7 @@ def ci_from_bootstrap(theta_hat: float, theta_boot: np.ndarray, ci: float = 0.95
     distribution; BCa needs the leave-one-unit-out `jackknife` values. NaN draws are dropped."""
     if method not in ("percentile", "bca"):
         raise ConfigError(f"method={method!r} is not valid; choose 'percentile' or 'bca'")
+    check_boot_settings(ci=ci)
     theta_boot = np.asarray(theta_boot, dtype=float)
     theta_boot = theta_boot[np.isfinite(theta_boot)]
     if not np.isfinite(theta_hat) or len(theta_boot) == 0:
@@ -148,6 +161,7 @@ def bootstrap_metrics(pred: pd.DataFrame, metrics: Sequence[str] = HEADLINE, n_b
     Each draw resamples the test subjects with replacement; slice and patient metrics of a draw
     use the same subjects. method "bca" adds one leave-one-patient-out pass (cheap).
     """
+    check_boot_settings(n_boot, ci)
     metrics, ranking = _resolve(metrics)
     info, score = _units(check_predictions(pred), by)
     return _bootstrap([score], len(info["subjects"]), metrics, n_boot, ci, method, seed, ranking)
@@ -177,6 +191,7 @@ def bootstrap_difference(pred_a: pd.DataFrame, pred_b: pd.DataFrame,
                          method: str = "percentile", seed: int = 0, by: str = "true") -> pd.DataFrame:
     """Paired patient-bootstrap CI of metric(A) - metric(B) for two runs on the same test set:
     every draw uses the same resampled patients for both runs. Columns as bootstrap_metrics."""
+    check_boot_settings(n_boot, ci)
     metrics, ranking = _resolve(metrics)
     a, b = check_predictions(pred_a, "predictions A"), check_predictions(pred_b, "predictions B")
     check_same_test_set(a, b)
@@ -193,6 +208,7 @@ def bootstrap_fold_mean(preds: Sequence[pd.DataFrame],
     """Patient-bootstrap CI of a metric averaged over several runs on the same test set (e.g. the
     folds of one method), or of that mean minus the baselines' mean (paired: every draw uses the
     same resampled patients for every run). Columns as bootstrap_metrics."""
+    check_boot_settings(n_boot, ci)
     metrics, ranking = _resolve(metrics)
     runs = [check_predictions(p, f"predictions {i}") for i, p in enumerate(preds)]
     base = [check_predictions(p, f"baseline predictions {i}") for i, p in enumerate(baselines or [])]
@@ -313,6 +329,18 @@ def _baseline_mask(runs: pd.DataFrame, baseline, by: list[str]) -> np.ndarray:
     return mask
 
 
+def _check_unique(rows: pd.DataFrame, pair_on: list[str], skip: list[str], what: str) -> None:
+    """DataError when several runs of `rows` share a pair_on key (they would count as extra folds)."""
+    dup = rows.duplicated(pair_on, keep=False).to_numpy()
+    if dup.any():
+        d = rows.loc[dup]
+        varying = [c for c in d.columns if c not in (*pair_on, *skip)  # config-like columns
+                   and 1 < d[c].astype(str).nunique() < len(d)]
+        raise DataError(f"{what}: {int(dup.sum())} runs share the same {pair_on}; add the column "
+                        f"that tells them apart to pair_on or by (they differ in {varying[:6]}), "
+                        "or filter the table")
+
+
 def compare_to_baseline(runs: pd.DataFrame, baseline, metric: str,
                         pair_on: Sequence[str] = ("fold", "ratio", "seed"),
                         by: Sequence[str] = ("method",), test_train_ratio: float | None = None,
@@ -321,34 +349,39 @@ def compare_to_baseline(runs: pd.DataFrame, baseline, metric: str,
     runs matched on `pair_on`, with the corrected-t CI and p, Wilcoxon p, Holm-adjusted p.
 
     `baseline` is a value of by[0] (e.g. "ce"), a {column: value} dict or a boolean mask.
-    `test_train_ratio` = n_test / n_train; when None it is the mean ratio of the run table's
-    columns n_test_slices / n_train_slices (as kdlib.runs.load_runs gives them) or n_test / n_train. Columns of the result: by..., metric, n_pairs, baseline_mean,
-    method_mean, mean_diff, std_diff, ci_low, ci_high, t, p_corrected_t, p_wilcoxon, p_holm
-    (corrected-t p, Holm over the groups of this call), caveat.
+    Every group and the baseline must have at most one run per `pair_on` key (DataError otherwise).
+    `test_train_ratio` = n_test / n_train; when None it is, per group, the mean ratio of the
+    columns n_test_slices / n_train_slices (as kdlib.runs.load_runs gives them) or n_test / n_train
+    over the group's and the baseline's runs of its pairs (groups such as imbalance ratios train
+    on different numbers of slices). Columns of the result: by..., metric, n_pairs,
+    test_train_ratio, baseline_mean, method_mean, mean_diff, std_diff, ci_low, ci_high, t,
+    p_corrected_t, p_wilcoxon, p_holm (corrected-t p, Holm over the groups of this call), caveat.
     """
+    check_boot_settings(ci=ci)
     by, pair_on = list(by), list(pair_on)
     _check_columns(runs, [*by, *pair_on, metric], "compare_to_baseline")
+    ttr = "__test_train_ratio"
     if test_train_ratio is None:
         pair = next((p for p in (("n_test_slices", "n_train_slices"), ("n_test", "n_train"))
                      if set(p) <= set(runs.columns)), None)
         if pair is None:
             raise ConfigError("pass test_train_ratio=n_test/n_train (e.g. 1/(k-1) for k folds) or "
                               "give the run table columns n_test_slices and n_train_slices")
-        test_train_ratio = float((runs[pair[0]] / runs[pair[1]]).mean())
+        runs = runs.assign(**{ttr: (runs[pair[0]] / runs[pair[1]]).astype(float)})
+    else:
+        if isinstance(test_train_ratio, bool) or not isinstance(test_train_ratio, (int, float, np.number)) \
+                or not (np.isfinite(test_train_ratio) and test_train_ratio >= 0):
+            raise ConfigError(f"test_train_ratio={test_train_ratio!r} must be a number >= 0 "
+                              "(n_test / n_train, e.g. 1/(k-1) for k-fold cross-validation)")
+        runs = runs.assign(**{ttr: float(test_train_ratio)})
     mask = _baseline_mask(runs, baseline, by)
-    base = runs.loc[mask, [*pair_on, metric]]
-    dup = base.duplicated(pair_on, keep=False)
-    if dup.any():
-        d = runs.loc[mask].loc[dup.to_numpy()]
-        varying = [c for c in d.columns if c not in (*pair_on, metric)  # config-like columns
-                   and 1 < d[c].astype(str).nunique() < len(d)]
-        raise DataError(f"{int(dup.sum())} baseline runs share the same {pair_on}; add the column "
-                        f"that tells them apart to pair_on (they differ in {varying[:6]}), "
-                        "or filter the table")
+    base = runs.loc[mask, [*pair_on, metric, ttr]]
+    _check_unique(runs.loc[mask], pair_on, [metric, ttr], "baseline")
     rows = []
     for key, grp in runs.loc[~mask].groupby(by, dropna=False, sort=False):
         key = key if isinstance(key, tuple) else (key,)
-        m = grp[[*pair_on, metric]].merge(base, on=pair_on, suffixes=("", "_base"))
+        _check_unique(grp, pair_on, [metric, ttr], str(dict(zip(by, key))))
+        m = grp[[*pair_on, metric, ttr]].merge(base, on=pair_on, suffixes=("", "_base"))
         if len(m) < len(grp):
             warnings.warn(f"{dict(zip(by, key))}: {len(grp) - len(m)} run(s) without a baseline "
                           f"run of the same {pair_on} are left out", stacklevel=2)
@@ -357,12 +390,17 @@ def compare_to_baseline(runs: pd.DataFrame, baseline, metric: str,
             warnings.warn(f"{dict(zip(by, key))}: {int(np.isnan(d).sum())} pair(s) with a NaN "
                           f"{metric} are left out", stacklevel=2)
             m, d = m[~np.isnan(d)], d[~np.isnan(d)]
+        ratio = float(pd.concat([m[ttr], m[f"{ttr}_base"]]).mean()) if len(m) else np.nan
+        if len(d) > 1 and not (np.isfinite(ratio) and ratio >= 0):
+            raise ConfigError(f"{dict(zip(by, key))}: n_test / n_train of its runs is {ratio}; "
+                              "pass test_train_ratio=n_test/n_train or fix the run table")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tt = corrected_resampled_ttest(d, test_train_ratio)
+            tt = corrected_resampled_ttest(d, ratio if len(d) > 1 else 0.0)
             wx = wilcoxon_signed_rank(d)
         half = sps.t.ppf(0.5 + ci / 2, len(d) - 1) * tt["se"] if len(d) > 1 else np.nan
         rows.append({**dict(zip(by, key)), "metric": metric, "n_pairs": len(d),
+                     "test_train_ratio": ratio,
                      "baseline_mean": m[f"{metric}_base"].mean(), "method_mean": m[metric].mean(),
                      "mean_diff": tt["mean"], "std_diff": tt["std"],
                      "ci_low": tt["mean"] - half, "ci_high": tt["mean"] + half,
@@ -375,7 +413,6 @@ def compare_to_baseline(runs: pd.DataFrame, baseline, metric: str,
     caveats = sorted(set(out["caveat"]) - {""})
     if caveats:
         warnings.warn("; ".join(caveats), stacklevel=2)
-    out.attrs["test_train_ratio"] = test_train_ratio
     return out
 
 

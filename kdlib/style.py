@@ -30,6 +30,8 @@ METHOD_COLORS: dict[str, str] = {
 """Fixed method -> colour (Okabe-Ito, then Paul Tol's muted); other names get a stable hash colour."""
 CLASS_COLORS: dict[str, str] = {"healthy": "#999999", "HGG": "#D55E00", "LGG": "#0072B2"}
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+"""What a figure or table name (and profile) may look like: a safe file name, no path."""
 
 STYLE: dict[str, object] = {
     "font.family": ["STIXGeneral", "DejaVu Serif"], "font.serif": ["STIXGeneral", "DejaVu Serif"],
@@ -91,12 +93,18 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", str(text)).strip("_")
 
 
+def check_name(what: str, value) -> None:
+    """Raise ConfigError unless `value` is a str matching NAME_PATTERN (e.g. what="figure name")."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise ConfigError(f"{what}={value!r}: use letters, digits, '_', '-', '.' only "
+                          "(starting with a letter or digit)")
+
+
 def save_figure(fig: Figure, name: str, profile: str = "default", root: str | Path = "figures",
                 dpi: int = 300, formats: Sequence[str] = ("pdf", "png")) -> dict[str, Path]:
     """Write <root>/<profile>/<name>.pdf (TrueType fonts, fonttype 42) and .png; return the paths."""
-    for what, value in (("name", name), ("profile", profile)):
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", str(value)):
-            raise ConfigError(f"figure {what}={value!r}: use letters, digits, '_', '-', '.' only")
+    check_name("figure name", name)
+    check_name("figure profile", profile)
     out_dir = Path(root) / profile
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}

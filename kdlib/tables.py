@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from kdlib.errors import ConfigError
+from kdlib.style import check_name
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _NUMBER = re.compile(r"^\s*([-+\u2212]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)")
 _NEGATIVE = re.compile(r"(?<![\w.])-(?=\d)")  # a minus sign, not a hyphen: "-0.04" -> "$-$0.04"
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
@@ -133,9 +133,8 @@ def write_table(df: pd.DataFrame, name: str, profile: str = "default", root: str
 
     A named index (e.g. after groupby) becomes the first column(s). `label` defaults to tab:<name>.
     """
-    for what, value in (("name", name), ("profile", profile)):
-        if not isinstance(value, str) or not _NAME.match(value):
-            raise ConfigError(f"table {what}={value!r}: use letters, digits, '_', '-', '.' only")
+    check_name("table name", name)
+    check_name("table profile", profile)
     if not isinstance(df, pd.DataFrame) or df.empty:
         raise ConfigError(f"table {name!r}: nothing to write (empty or not a DataFrame)")
     if not isinstance(df.index, pd.RangeIndex) or any(n is not None for n in df.index.names):

@@ -28,7 +28,7 @@ from kdlib import CLASSES, MINORITY
 from kdlib import runs as _runs
 from kdlib.data import loader
 from kdlib.errors import DataError, RunError
-from kdlib.train_config import (  # noqa: F401 (re-exported: kdlib.train is the entry point)
+from kdlib.train_config import (  # also re-exported: kdlib.train is the entry point
     SELECT_METRICS,
     AugmentConfig,
     TrainConfig,
@@ -193,9 +193,7 @@ def validation_scores(logits: torch.Tensor, y: torch.Tensor, counts: list[int],
     loss = F.cross_entropy(logits.float(), y).item() if len(y) else float("nan")
     p = class_probabilities(logits.cpu(), counts, tau).numpy()
     s = slice_scores(y.cpu().numpy(), p, ranking=False)
-    keys = ["macro_f1", "balanced_accuracy", "accuracy", *(f"f1_{c}" for c in CLASSES),
-            *(f"recall_{c}" for c in CLASSES)]
-    return {"loss": loss, **{k: s[k] for k in keys}}
+    return {"loss": loss, **{k: s[k] for k in SELECT_METRICS if k != "loss"}}
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
@@ -212,11 +210,14 @@ def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
 
 def load_teacher(cfg: TrainConfig, runs_dir: Path,
                  device: torch.device) -> tuple[FrozenTeacher, Path]:
-    """Load the frozen teacher of `cfg` from its run folder; RunError when missing or mismatched."""
+    """Load the frozen teacher of `cfg` from its run folder; RunError when missing or mismatched
+    (another cache or splits file, modalities, classes, or training subjects that are the student's
+    validation or test subjects: see `check_teacher_subjects`)."""
     from kdlib.criterion import logit_scale
 
     folder = _runs.teacher_dir(cfg.teacher, runs_dir)
     tcfg = load_train_config(folder / "config.yaml")
+    check_teacher_subjects(cfg, tcfg, folder.name)
     if len(tcfg.modalities) != len(cfg.modalities) or tcfg.modalities != cfg.modalities:
         raise RunError(f"teacher {folder} was trained on {len(tcfg.modalities)} channel(s) "
                        f"{list(tcfg.modalities)}, the student uses {len(cfg.modalities)} "
@@ -236,6 +237,34 @@ def load_teacher(cfg: TrainConfig, runs_dir: Path,
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return FrozenTeacher(model, logit_scale(tcfg.task_loss, tcfg.loss_params)), folder
+
+
+def check_teacher_subjects(cfg: TrainConfig, tcfg: TrainConfig, teacher: str) -> None:
+    """RunError unless the teacher (config `tcfg`, run `teacher`) used the student's cache and
+    splits file and none of its training subjects is a validation or test subject of the student
+    (a teacher of the same fold at another ratio is fine; one of another fold is not)."""
+    from kdlib.data.splits import check_no_leakage, fold_subjects, load_splits
+    from kdlib.paths import resolve
+
+    for name in ("cache", "splits"):
+        mine, theirs = resolve(getattr(cfg, name)).resolve(), resolve(getattr(tcfg, name)).resolve()
+        if mine != theirs:
+            raise RunError(f"teacher {teacher} was trained with {name} {theirs}, the student uses "
+                           f"{name} {mine}; train the teacher on the student's data")
+    splits_path = resolve(cfg.splits)
+    if not splits_path.is_file():
+        return  # _split_data says so, naming the setting
+    splits = load_splits(splits_path)
+    student = fold_subjects(splits, cfg.fold, ratio=cfg.ratio, seed=cfg.seed)
+    sets = {f"teacher {teacher} train": fold_subjects(splits, tcfg.fold, tcfg.ratio,
+                                                      tcfg.seed)["train"],
+            "student val": student["val"], "student test": student["test"]}
+    try:
+        check_no_leakage(sets)
+    except DataError as err:
+        raise RunError(f"teacher {teacher} (fold {tcfg.fold}) trained on subjects the student "
+                       f"(fold {cfg.fold}) validates or tests on: {str(err).split('; rebuild')[0]}"
+                       f"; use a teacher of fold {cfg.fold}") from None
 
 
 def _split_data(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
@@ -336,7 +365,9 @@ def _fit(cfg: TrainConfig, runs_dir: Path, rid: str, tmp: Path, final: Path,
                         f"of class {CLASSES[counts.index(0)]}; check the splits or use another "
                         "fold/ratio")
     criterion = build_criterion(cfg.task_loss, cfg.distiller, counts, cfg.epochs, cfg.loss_kw)
-    scale = logit_scale(cfg.task_loss, cfg.loss_params)  # model outputs -> logits (ldam_drw: s)
+    scale = getattr(criterion, "logit_scale", None)  # model outputs -> logits (ldam_drw: s)
+    if scale is None:  # a plain callable criterion
+        scale = logit_scale(cfg.task_loss, cfg.loss_params)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = len(batches(torch.arange(loader.epoch_length(y_train, cfg.sampler)), cfg.batch_size))
     if steps == 0:
@@ -349,7 +380,8 @@ def _fit(cfg: TrainConfig, runs_dir: Path, rid: str, tmp: Path, final: Path,
     if teacher is not None and cfg.cache_teacher_logits:
         teacher_logits = evaluate(teacher, x_train, *ev)
     identity = {"config": _runs.config_identity(cfg),
-                "data": _runs.data_fingerprint(data["cache"], data["splits"])}
+                "data": _runs.data_fingerprint(data["cache"], data["splits"]),
+                "execution": _runs.execution_identity(device)}
     state = {"epoch": 0, "best_epoch": 0, "best_score": None, "bad_epochs": 0, "stopped": False,
              "history": [], "best_model": None}
     ckpt_path = tmp / "checkpoint.pt"

@@ -134,6 +134,9 @@ class TrainConfig:
             aug = AugmentConfig(False, 0.0, 0.0)
         elif isinstance(aug, Mapping):
             aug = from_dict(AugmentConfig, aug, "augment")
+        elif not isinstance(aug, AugmentConfig):
+            raise ConfigError(f"augment={aug!r} is not valid; use true, false, null or a mapping of "
+                              "settings (flip, max_rotation_deg, intensity_jitter)")
         set_("augment", aug)
         for name in ("cache_teacher_logits", "deterministic"):
             check_choice(name, getattr(self, name), (True, False))

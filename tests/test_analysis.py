@@ -412,3 +412,14 @@ def test_best_method_at_a_ratio():
     for ratio in (4.0, None):
         at = tests[A.in_ratios(tests["ratio"], [ratio])]
         assert A.best_method(tests, ratio) == at.loc[at["mean_diff"].idxmax(), "method"]
+
+
+def test_is_distilled_follows_the_distiller_registry(monkeypatch):
+    from kdlib import criterion
+
+    for m in ("kd", "dkd", "bkd", "kd_original", "kd+logit_adjusted", "dkd+focal"):
+        assert A.is_distilled(m)
+    for m in ("ce", "focal", "ce+posthoc", "ce+oversample", "teacher", "kdx"):
+        assert not A.is_distilled(m)
+    monkeypatch.setitem(criterion.DISTILLERS, "crd", criterion.DISTILLERS["kd"])
+    assert A.is_distilled("crd") and A.is_distilled("crd+focal")

@@ -94,6 +94,7 @@ def test_run_grid_trains_in_order_skips_and_tabulates(data, tmp_path, monkeypatc
         assert col in df.columns, col
     kd = df[df.method == "kd"].iloc[0]
     assert kd.teacher_model == "cnn_s" and kd.teacher_params > kd.params
+    assert df["env.device"].eq("cpu").all()  # CPU and GPU runs can be told apart
     assert df.modalities.eq("flair+t1").all() and df.ratio.isna().all()
     assert len(load_predictions(kd.path)) == kd.n_test_slices
     assert len(load_history(kd.path)) == 1

@@ -11,7 +11,7 @@ from kdlib import CLASSES
 from kdlib import plots as P
 from kdlib import style as S
 from kdlib.errors import DataError
-from kdlib.metrics import synthetic_predictions
+from kdlib.metrics import confusion, synthetic_predictions
 from kdlib.stats import bootstrap_metrics, compare_to_baseline, summarize_runs, synthetic_runs
 
 matplotlib.use("Agg")
@@ -121,3 +121,33 @@ def test_bad_inputs_raise():
         P.plot_gain_heatmap(pd.concat([g, g]))
     with pytest.warns(UserWarning, match="without a numeric ratio"):
         P.plot_gain_vs_ratio(pd.concat([gains(), gains().assign(ratio=np.nan)]))
+
+
+def test_plot_confusion_draws_kdlib_metrics_confusion(monkeypatch):
+    calls = []
+
+    def spy(pred, normalize=None):
+        calls.append(normalize)
+        return confusion(pred, normalize)
+
+    monkeypatch.setattr(P, "confusion", spy)
+    fig = P.plot_confusion(PRED)
+    assert calls == [None, "true"]
+    counts, norm = confusion(PRED), confusion(PRED, "true")
+    texts = [[t.get_text() for t in ax.texts] for ax in fig.axes[:2]]
+    assert texts[0] == [f"{v:,.0f}" for v in counts.to_numpy().ravel()]
+    assert texts[1] == [f"{v:.2f}" for v in norm.to_numpy().ravel()]
+
+
+@pytest.mark.parametrize("name, draw", [
+    ("plot_gain_vs_ratio", lambda: P.plot_gain_vs_ratio(gains().iloc[:0])),
+    ("plot_gain_heatmap", lambda: P.plot_gain_heatmap(heat().iloc[:0])),
+    ("plot_per_class_f1", lambda: P.plot_per_class_f1(
+        summarize_runs(synthetic_runs(), [f"f1_{c}" for c in CLASSES]).iloc[:0])),
+    ("plot_per_class_f1", lambda: P.plot_per_class_f1(
+        bootstrap_metrics(PRED, ["macro_f1"], n_boot=5).assign(method="ce"))),  # no f1_<class> row
+    ("plot_metric_vs_params", lambda: P.plot_metric_vs_params(grid().iloc[:0])),
+])
+def test_empty_tables_say_nothing_to_plot(name, draw):
+    with pytest.raises(DataError, match=f"{name}: nothing to plot"):
+        draw()

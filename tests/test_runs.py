@@ -34,8 +34,28 @@ def test_run_id_is_readable_and_stable(data):
     assert run_id(kd) == run_id(same)
 
 
+def test_run_id_survives_moving_the_output_root(data, tmp_path, monkeypatch):
+    ids = []
+    for home in ("a", "b"):
+        monkeypatch.setenv("KDLIB_HOME", str(tmp_path / home))
+        root = tmp_path / home
+        ids.append(run_id(TrainConfig.from_dict(tiny_config(root / "data" / "c.h5",
+                                                            root / "runs" / "splits.csv"))))
+        ids.append(run_id(TrainConfig.from_dict(tiny_config("data/c.h5", "runs/splits.csv"))))
+    assert len(set(ids)) == 1
+    outside = run_id(TrainConfig.from_dict(tiny_config(tmp_path / "c.h5", "runs/splits.csv")))
+    assert outside != ids[0]  # a file outside the output root keeps its absolute path
+    from kdlib.runs import RUN_VERSION, config_identity
+
+    ident = config_identity(TrainConfig.from_dict(tiny_config(tmp_path / "c.h5", "runs/s.csv")))
+    assert ident["run_version"] == RUN_VERSION
+    assert ident["cache"] == (tmp_path / "c.h5").resolve().as_posix()
+    assert ident["splits"] == "runs/s.csv"
+
+
 def test_load_runs_empty_and_missing_files(tmp_path):
     assert load_runs(tmp_path / "none").empty
+    assert "env.device" in load_runs(tmp_path / "none").columns
     with pytest.raises(RunError, match="predictions.csv not found"):
         load_predictions(tmp_path)
 

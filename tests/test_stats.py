@@ -11,6 +11,7 @@ from kdlib.errors import ConfigError, DataError
 from kdlib.metrics import patient_predictions, slice_metrics, synthetic_predictions
 from kdlib.stats import (
     bootstrap_difference,
+    bootstrap_fold_mean,
     bootstrap_metrics,
     ci_from_bootstrap,
     compare_to_baseline,
@@ -183,7 +184,7 @@ def test_compare_to_baseline_pairs_on_ratio_and_student():
     named.loc[:, "n_test_slices"] = 500
     with pytest.warns(UserWarning):
         out = compare_to_baseline(named, "ce", "macro_f1", by=("method", "ratio"))
-    assert out.attrs["test_train_ratio"] == pytest.approx(0.25)
+    np.testing.assert_allclose(out["test_train_ratio"], 0.25)
 
 
 @pytest.mark.filterwarnings("ignore:only 2 pairs")
@@ -199,6 +200,63 @@ def test_compare_to_baseline_errors_and_unpaired_runs():
     with pytest.warns(UserWarning, match="without a baseline run"):
         out = compare_to_baseline(fewer, "ce", "f1_LGG")
     assert (out["n_pairs"] == 2).all()
+
+
+def test_compare_to_baseline_rejects_duplicate_runs_in_a_method_group():
+    runs = synthetic_runs(methods={"ce": 0.0, "kd": 0.01})
+    kd = runs[runs.method == "kd"]
+    other = kd.assign(teacher="cnn_m", **{c: kd[c] + 0.01 for c in kd.columns if "_LGG" in c or "f1" in c})
+    twice = pd.concat([runs, other], ignore_index=True)  # two teachers per fold, one method name
+    with pytest.raises(DataError, match=r"\{'method': 'kd'\}: 6 runs share the same "
+                                        r"\['fold', 'ratio', 'seed'\].*differ in \['teacher'\]"):
+        compare_to_baseline(twice, "ce", "f1_LGG")
+    with pytest.warns(UserWarning):  # telling them apart by `by` pairs 3 folds each
+        out = compare_to_baseline(twice, "ce", "f1_LGG", by=("method", "teacher"))
+    assert list(out["n_pairs"]) == [3, 3]
+
+
+@pytest.mark.filterwarnings("ignore:only 3 pairs")
+def test_compare_to_baseline_test_train_ratio_per_group():
+    runs = synthetic_runs(ratios=(1.0, 4.0), folds=3)
+    runs["n_train"] = np.where(runs["ratio"] == 1.0, 1000, 4000)  # fewer runs at ratio 1
+    out = compare_to_baseline(runs, "ce", "f1_LGG", by=("method", "ratio"))
+    ttr = out.set_index(["method", "ratio"])["test_train_ratio"]
+    assert ttr[("kd", 1.0)] == pytest.approx(1.0) and ttr[("kd", 4.0)] == pytest.approx(0.25)
+    for ratio, r in ((1.0, 1.0), (4.0, 0.25)):
+        at = runs[runs.ratio == ratio]
+        d = (at[at.method == "kd"].set_index("fold")["f1_LGG"]
+             - at[at.method == "ce"].set_index("fold")["f1_LGG"])
+        tt = corrected_resampled_ttest(d.to_numpy(), r)
+        row = out[(out.method == "kd") & (out.ratio == ratio)].iloc[0]
+        assert row["p_corrected_t"] == pytest.approx(tt["p"])
+        half = sps.t.ppf(0.975, 2) * tt["se"]
+        assert row["ci_high"] - row["mean_diff"] == pytest.approx(half)
+    fixed = compare_to_baseline(runs, "ce", "f1_LGG", by=("method", "ratio"), test_train_ratio=0.5)
+    assert (fixed["test_train_ratio"] == 0.5).all()
+    with pytest.raises(ConfigError, match="test_train_ratio=-1"):
+        compare_to_baseline(runs, "ce", "f1_LGG", test_train_ratio=-1)
+    runs.loc[runs.ratio == 4.0, "n_train"] = np.nan  # sizes missing for one group's runs
+    with pytest.raises(ConfigError, match=r"'ratio': 4.0\}: n_test / n_train"):
+        compare_to_baseline(runs, "ce", "f1_LGG", by=("method", "ratio"))
+
+
+@pytest.mark.parametrize("kwargs, setting", [({"n_boot": 0}, "n_boot"), ({"n_boot": 2.5}, "n_boot"),
+                                             ({"ci": 95}, "ci"), ({"ci": 0.0}, "ci"),
+                                             ({"ci": float("nan")}, "ci")])
+def test_bootstrap_settings_are_validated(kwargs, setting):
+    pred = synthetic_predictions(6, 3, seed=0)
+    match = f"{setting}="
+    with pytest.raises(ConfigError, match=match):
+        bootstrap_metrics(pred, ["accuracy"], **kwargs)
+    with pytest.raises(ConfigError, match=match):
+        bootstrap_difference(pred, pred, ["accuracy"], **kwargs)
+    with pytest.raises(ConfigError, match=match):
+        bootstrap_fold_mean([pred], metrics=["accuracy"], **kwargs)
+    if setting == "ci":
+        with pytest.raises(ConfigError, match=match):
+            ci_from_bootstrap(0.5, np.array([0.4, 0.6]), **kwargs)
+        with pytest.raises(ConfigError, match=match):
+            compare_to_baseline(synthetic_runs(), "ce", "f1_LGG", **kwargs)
 
 
 def test_summarize_runs():

@@ -5,6 +5,7 @@ import hashlib
 
 import matplotlib
 import matplotlib.pyplot as plt
+import pandas as pd
 import pytest
 
 from kdlib import style as S
@@ -48,3 +49,20 @@ def test_slug_makes_display_names_safe_figure_names():
     assert S.slug("teacher cnn_s") == "teacher_cnn_s"
     assert S.slug("kd+logit_adjusted") == "kd_logit_adjusted"
     assert S.slug(" a/b ") == "a_b"
+
+
+@pytest.mark.parametrize("value", ["a/b", "../x", "_x", "", "x\n", 3, None])
+def test_check_name_rejects_unsafe_names(value):
+    with pytest.raises(ConfigError, match=r"figure name=.*letters, digits"):
+        S.check_name("figure name", value)
+
+
+def test_check_name_accepts_safe_names_and_guards_save_figure_and_write_table(tmp_path):
+    from kdlib.tables import write_table
+
+    for ok in ("q1_gain", "fig-2.v3", "0abc"):
+        S.check_name("figure name", ok)
+    with pytest.raises(ConfigError, match="figure profile="):
+        S.save_figure(plt.figure(), "x", profile="a b", root=tmp_path)
+    with pytest.raises(ConfigError, match="table name="):
+        write_table(pd.DataFrame({"a": [1]}), "x\n", root=tmp_path)

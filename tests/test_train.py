@@ -80,6 +80,9 @@ def test_config_defaults_roundtrip_and_yaml(data, tmp_path):
     ({"cache_teacher_logits": True}, r"needs a distiller"),
     ({"select_metric": "auc"}, r"select_metric='auc'.*macro_f1"),
     ({"ratio": 0.5}, r"ratio=0.5"),
+    ({"augment": "yes"}, r"augment='yes'.*true, false, null or a mapping"),
+    ({"augment": 1}, r"augment=1 .*true, false, null or a mapping"),
+    ({"augment": [1]}, r"augment=\[1\].*true, false, null or a mapping"),
 ])
 def test_config_errors_name_the_setting(data, over, match):
     with pytest.raises(ConfigError, match=match):
@@ -263,3 +266,53 @@ def test_missing_files_and_bad_teachers(data, teacher, tmp_path):
         fit(tiny_config(cache, splits, distiller="kd", teacher=str(other)), tmp_path,
             progress=False)
     assert not list(tmp_path.glob(".tmp-*"))  # nothing was started
+
+
+def _edited_teacher(teacher, folder, **over):
+    """A copy of the teacher run folder whose config.yaml says `over`."""
+    other = shutil.copytree(teacher, folder)
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    (other / "config.yaml").write_text(yaml.safe_dump({**cfg, **over}))
+    return other
+
+
+def test_teacher_must_share_data_and_not_see_the_students_val_or_test(data, teacher, tmp_path):
+    cache, splits = data
+    load = lambda t: kdlib.train.load_teacher(
+        load_train_config(tiny_config(cache, splits, distiller="kd", teacher=str(t))), tmp_path,
+        torch.device("cpu"))
+    other_fold = _edited_teacher(teacher, tmp_path / "fold1-teacher", fold=1)
+    with pytest.raises(RunError, match=r"teacher fold1-teacher.*fold 1.*BraTS20_Training_.*fold 0"):
+        load(other_fold)
+    with pytest.raises(RunError, match=r"teacher fold1-teacher.*fold 1"):
+        fit(tiny_config(cache, splits, distiller="kd", teacher=str(other_fold)), tmp_path,
+            progress=False)
+    own = shutil.copy(splits, tmp_path / "other-splits.csv")
+    other_splits = _edited_teacher(teacher, tmp_path / "splits-teacher", splits=str(own))
+    with pytest.raises(RunError, match=r"splits.*other-splits.csv.*student.*splits.csv"):
+        load(other_splits)
+    other_ratio = _edited_teacher(teacher, tmp_path / "ratio-teacher", ratio=2)
+    assert load(other_ratio)[1] == other_ratio  # same fold, another ratio: allowed
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_resume_refuses_another_kind_of_device(data, tmp_path, monkeypatch):
+    cfg = tiny_config(*data, epochs=3)
+    _interrupt_at(monkeypatch, 4)
+    with pytest.raises(Interrupt):
+        fit(cfg, tmp_path, progress=False)
+    monkeypatch.undo()
+    ckpt_path = tmp_path / f".tmp-{run_id(load_train_config(cfg))}" / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["identity"]["execution"] == {"device_type": "cpu", "autocast": False}
+    ckpt["identity"]["execution"] = {"device_type": "cuda", "autocast": True}
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(RunError, match=r"cannot resume.*started on cuda \(bf16 autocast\).*cpu.*"
+                                       r"same kind of device.*delete"):
+        fit(cfg, tmp_path, progress=False)
+
+
+def test_validation_scores_cover_the_select_metrics():
+    y = torch.tensor([0, 1, 2, 1])
+    scores = kdlib.train.validation_scores(torch.randn(4, 3), y, [2, 1, 1], None)
+    assert set(scores) == set(kdlib.train.SELECT_METRICS)
