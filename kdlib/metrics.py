@@ -285,24 +285,3 @@ def patient_metrics(pred: pd.DataFrame, by: str = "true") -> dict[str, float]:
 def run_metrics(pred: pd.DataFrame, by: str = "true") -> dict[str, float]:
     """slice_metrics and patient_metrics in one flat dict (what metrics.json holds)."""
     return {**slice_metrics(pred), **patient_metrics(pred, by=by)}
-
-
-def synthetic_predictions(n_subjects: int = 20, slices: int = 12, lgg_fraction: float = 0.3,
-                          skill: float = 1.5, seed: int = 0) -> pd.DataFrame:
-    """A made-up predictions table for tests and demos: the first third of each subject's slices
-    healthy, the rest its grade; logits = skill * one-hot(label) + Gaussian noise."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    n_lgg = max(1, round(lgg_fraction * n_subjects)) if lgg_fraction > 0 else 0
-    for s in range(n_subjects):
-        grade = "LGG" if s < n_lgg else "HGG"
-        for z in range(slices):
-            rows.append((f"S{s:03d}", z, "healthy" if z < slices // 3 else grade))
-    df = pd.DataFrame(rows, columns=["subject_id", "slice", "label"])
-    y = df["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
-    z = skill * np.eye(K)[y] + rng.normal(size=(len(df), K))
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    for i, c in enumerate(PROB_COLUMNS):
-        df[c] = p[:, i]
-    return df

@@ -20,7 +20,6 @@ import pandas as pd
 from scipy import stats as sps
 from scipy.special import ndtr, ndtri
 
-from kdlib import CLASSES
 from kdlib.errors import ConfigError, DataError
 from kdlib.metrics import (
     arrays,
@@ -414,31 +413,3 @@ def compare_to_baseline(runs: pd.DataFrame, baseline, metric: str,
     if caveats:
         warnings.warn("; ".join(caveats), stacklevel=2)
     return out
-
-
-def synthetic_runs(methods: Mapping[str, float] | None = None, folds: int = 3,
-                   ratios: Sequence[float] = (4.0,), seeds: Sequence[int] = (0,),
-                   noise: float = 0.02, seed: int = 0) -> pd.DataFrame:
-    """A made-up run table (one row per method x fold x ratio x seed) for tests and demos:
-    metric = 0.6 + per-method gain + shared per-fold effect + noise."""
-    methods = dict(methods or {"ce": 0.0, "kd": 0.01, "dkd": 0.02, "bkd": 0.03})
-    rng = np.random.default_rng(seed)
-    fold_effect = rng.normal(0, 0.03, size=(folds, len(ratios), len(seeds)))
-    rows = []
-    for name, gain in methods.items():
-        for f in range(folds):
-            for r, ratio in enumerate(ratios):
-                for s, sd in enumerate(seeds):
-                    hard = np.log2(ratio) if np.isfinite(ratio) else 2.0
-                    base = 0.6 + fold_effect[f, r, s] - 0.01 * hard + gain
-                    row = {"method": name, "distiller": None if name == "ce" else name,
-                           "task_loss": "ce", "student": "cnn_s", "teacher": None if name == "ce"
-                           else "cnn_l", "fold": f, "ratio": ratio, "seed": sd,
-                           "student_params": 50_000, "teacher_params": 2_000_000,
-                           "n_test": 1000, "n_train": 2000}
-                    for c in CLASSES:
-                        row[f"f1_{c}"] = base + rng.normal(0, noise) - 0.2 * (c == "LGG")
-                    row["macro_f1"] = float(np.mean([row[f"f1_{c}"] for c in CLASSES]))
-                    row["recall_LGG"] = row["f1_LGG"] + rng.normal(0, noise)
-                    rows.append(row)
-    return pd.DataFrame(rows)

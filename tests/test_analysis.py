@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from helpers_eval import synthetic_predictions, synthetic_runs
 from helpers_train import make_cache, tiny_config, write_splits
 from scipy import stats as sps
 
@@ -16,9 +17,9 @@ from kdlib import CLASSES
 from kdlib import analysis as A
 from kdlib.experiment import Experiment
 from kdlib.grid import run_grid
-from kdlib.metrics import run_metrics, synthetic_predictions
+from kdlib.metrics import run_metrics
 from kdlib.runs import load_predictions, load_runs, method_name, run_id
-from kdlib.stats import holm, synthetic_runs
+from kdlib.stats import holm
 from kdlib.train import TrainConfig
 
 PARAMS = {"cnn_xs": 6_000, "cnn_s": 40_000, "cnn_m": 150_000, "cnn_l": 600_000}

@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from helpers_eval import synthetic_predictions
 from sklearn import metrics as skm
 
 from kdlib import CLASSES
@@ -16,7 +17,6 @@ from kdlib.metrics import (
     reliability_table,
     run_metrics,
     slice_metrics,
-    synthetic_predictions,
 )
 
 

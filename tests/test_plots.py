@@ -6,13 +6,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from helpers_eval import synthetic_predictions, synthetic_runs
 
 from kdlib import CLASSES
 from kdlib import plots as P
 from kdlib import style as S
 from kdlib.errors import DataError
-from kdlib.metrics import confusion, synthetic_predictions
-from kdlib.stats import bootstrap_metrics, compare_to_baseline, summarize_runs, synthetic_runs
+from kdlib.metrics import confusion
+from kdlib.stats import bootstrap_metrics, compare_to_baseline, summarize_runs
 
 matplotlib.use("Agg")
 

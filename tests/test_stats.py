@@ -5,10 +5,11 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from helpers_eval import synthetic_predictions, synthetic_runs
 from scipy import stats as sps
 
 from kdlib.errors import ConfigError, DataError
-from kdlib.metrics import patient_predictions, slice_metrics, synthetic_predictions
+from kdlib.metrics import patient_predictions, slice_metrics
 from kdlib.stats import (
     bootstrap_difference,
     bootstrap_fold_mean,
@@ -19,7 +20,6 @@ from kdlib.stats import (
     few_folds_caveat,
     holm,
     summarize_runs,
-    synthetic_runs,
     wilcoxon_signed_rank,
 )
 
@@ -269,7 +269,6 @@ def test_summarize_runs():
 
 
 def test_bootstrap_fold_mean_reduces_to_single_run_and_pairwise_forms():
-    from kdlib.metrics import synthetic_predictions
     from kdlib.stats import bootstrap_difference, bootstrap_fold_mean, bootstrap_metrics
 
     a = synthetic_predictions(n_subjects=16, slices=6, seed=1)

@@ -3,9 +3,10 @@
 import numpy as np
 import pandas as pd
 import pytest
+from helpers_eval import synthetic_runs
 
 from kdlib.errors import ConfigError
-from kdlib.stats import summarize_runs, synthetic_runs
+from kdlib.stats import summarize_runs
 from kdlib.tables import (
     format_ci,
     format_mean_std,
