@@ -260,11 +260,10 @@ def check_teacher_subjects(cfg: TrainConfig, tcfg: TrainConfig, teacher: str) ->
                                                       tcfg.seed)["train"],
             "student val": student["val"], "student test": student["test"]}
     try:
-        check_no_leakage(sets)
+        check_no_leakage(sets, fix=f"use a teacher of fold {cfg.fold}")
     except DataError as err:
         raise RunError(f"teacher {teacher} (fold {tcfg.fold}) trained on subjects the student "
-                       f"(fold {cfg.fold}) validates or tests on: {str(err).split('; rebuild')[0]}"
-                       f"; use a teacher of fold {cfg.fold}") from None
+                       f"(fold {cfg.fold}) validates or tests on: {err}") from None
 
 
 def _split_data(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:

@@ -166,8 +166,9 @@ def load_splits(path: str | Path) -> pd.DataFrame:
     return _validate(pd.read_csv(path, dtype={"subject_id": str, "grade": str}), str(path))
 
 
-def check_no_leakage(sets: dict[str, Sequence[str]]) -> None:
-    """Raise DataError naming every subject that appears in more than one set (or twice in one)."""
+def check_no_leakage(sets: dict[str, Sequence[str]], fix: str = "rebuild the splits") -> None:
+    """Raise DataError naming every subject that appears in more than one set (or twice in one),
+    ending with `fix`, what the reader should do about it."""
     seen: dict[str, list[str]] = {}
     for name, ids in sets.items():
         for s in ids:
@@ -175,7 +176,7 @@ def check_no_leakage(sets: dict[str, Sequence[str]]) -> None:
     leaks = {s: names for s, names in seen.items() if len(names) > 1}
     if leaks:
         shown = "; ".join(f"{s} in {names}" for s, names in sorted(leaks.items())[:10])
-        raise DataError(f"{len(leaks)} subject(s) leak across sets: {shown}; rebuild the splits")
+        raise DataError(f"{len(leaks)} subject(s) leak across sets: {shown}; {fix}")
 
 
 def fold_subjects(
