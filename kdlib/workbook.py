@@ -21,28 +21,42 @@ from kdlib.data.phantom_files import make_phantom
 from kdlib.data.splits import SplitConfig, load_splits, make_splits, save_splits, subject_table
 from kdlib.errors import ConfigError, DataError
 from kdlib.paths import ProfilePaths, profile_paths, resolve
-from kdlib.runs import write_yaml
+from kdlib.runs import portable_path, write_yaml
 
 SOURCES = ("phantom", "nifti", "h5")
 MANIFEST = "manifest.yaml"
 
 
+def _map_paths(data: dict[str, Any], fn) -> dict[str, Any]:
+    """`data` with fn applied to its path entries: cache, splits and dataset.root."""
+    out = {k: (fn(v) if k in ("cache", "splits") and v else v) for k, v in data.items()}
+    if isinstance(out.get("dataset"), dict) and out["dataset"].get("root"):
+        out["dataset"] = {**out["dataset"], "root": fn(out["dataset"]["root"])}
+    return out
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return _map_paths(yaml.safe_load(path.read_text()) or {}, lambda p: str(resolve(p)))
+
+
 def read_manifest(profile: str) -> dict[str, Any]:
-    """The profile's manifest (dataset, cache, splits); a clear error when 00/01 have not run."""
+    """The profile's manifest (dataset, cache, splits) with absolute paths; a clear error when
+    00/01 have not run."""
     path = profile_paths(profile).runs / MANIFEST
     if not path.is_file():
         raise DataError(f"{path} does not exist: run notebooks 00 and 01 for profile {profile!r} "
                         f"first (kdlib run --profile {profile} --only 00 01)")
-    return yaml.safe_load(path.read_text()) or {}
+    return _read(path)
 
 
 def update_manifest(profile: str, **entries: Any) -> dict[str, Any]:
-    """Merge `entries` into the profile's manifest, written atomically; returns the whole manifest."""
+    """Merge `entries` into the profile's manifest, written atomically; returns the whole manifest.
+    Paths under the output root are stored relative to it, so the project can move."""
     paths = profile_paths(profile).make()
     path = paths.runs / MANIFEST
-    data = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    data = _read(path) if path.is_file() else {}
     data.update(entries)
-    write_yaml(path, data)
+    write_yaml(path, _map_paths(data, portable_path))
     return data
 
 

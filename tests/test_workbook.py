@@ -308,3 +308,19 @@ def test_phantom_h5_channel_order_is_recorded_for_the_reader(tmp_path, monkeypat
 
 def test_grid_devices_keeps_an_explicit_gpu():
     assert wb.grid_devices("cuda:1", 2) == ["cuda:1"]
+
+
+def test_manifest_survives_moving_the_output_root(tmp_path, monkeypatch):
+    import shutil
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    monkeypatch.setenv("KDLIB_HOME", str(old))
+    (old / "data").mkdir(parents=True)
+    wb.update_manifest("moved", cache=str(old / "data" / "c.h5"), splits="/elsewhere/s.csv",
+                       dataset={"root": str(old / "data" / "x"), "fmt": "nifti"})
+    shutil.move(old, new)
+    monkeypatch.setenv("KDLIB_HOME", str(new))
+    man = wb.read_manifest("moved")
+    assert man["cache"] == str(new / "data" / "c.h5")
+    assert man["dataset"]["root"] == str(new / "data" / "x")
+    assert man["splits"] == "/elsewhere/s.csv"
