@@ -235,3 +235,15 @@ def grid_devices(device: str = "auto", workers: int = 1) -> list[str] | None:
         return [device]  # that GPU only, not every GPU of the machine
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     return ["cpu"] * workers if on_cpu and workers > 1 else None
+
+
+def tumour_regions(table: pd.DataFrame) -> pd.DataFrame:
+    """Per grade: each BraTS sub-region's share of the tumour pixels of the tumour slices, and the
+    number of tumour slices per subject (from a slice table)."""
+    tumour = table[table["label"] != "healthy"]
+    regions = tumour.groupby("grade")[["ncr_pixels", "ed_pixels", "et_pixels"]].sum()
+    regions = regions.div(regions.sum(axis=1), axis=0)
+    regions.columns = ["NCR/NET (1)", "edema (2)", "enhancing (4)"]
+    regions["tumour slices / subject"] = (tumour.groupby("grade").size()
+                                          / table.groupby("grade")["subject_id"].nunique())
+    return regions

@@ -324,3 +324,13 @@ def test_manifest_survives_moving_the_output_root(tmp_path, monkeypatch):
     assert man["cache"] == str(new / "data" / "c.h5")
     assert man["dataset"]["root"] == str(new / "data" / "x")
     assert man["splits"] == "/elsewhere/s.csv"
+
+
+def test_tumour_regions_shares_and_slices_per_subject():
+    table = pd.DataFrame({
+        "subject_id": ["a", "a", "a", "b", "b"], "grade": ["HGG", "HGG", "HGG", "LGG", "LGG"],
+        "label": ["healthy", "HGG", "HGG", "LGG", "healthy"],
+        "ncr_pixels": [0, 1, 1, 6, 0], "ed_pixels": [0, 4, 2, 2, 0], "et_pixels": [0, 2, 0, 0, 0]})
+    r = wb.tumour_regions(table)
+    assert r.loc["HGG"].tolist() == pytest.approx([0.2, 0.6, 0.2, 2.0])
+    assert r.loc["LGG"].tolist() == pytest.approx([0.75, 0.25, 0.0, 1.0])
