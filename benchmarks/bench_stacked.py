@@ -12,14 +12,21 @@ machine; the best is the least disturbed). On the CPU the seconds are this proce
 that the others' load on a shared machine counts less (it still costs caches and memory bandwidth);
 on a GPU, wall time. Prints figures, asserts nothing.
 
-`python benchmarks/bench_stacked.py [--device cuda] [--runs 1 4 8] [--seconds 2]`;
+`--end-to-end` also trains the demo's runs of one fold at ratio 4 (a phantom of the demo's size,
+48 px, 10 epochs, cnn_s / cnn_m teachers, cnn_xs / cnn_s students: the demo profile's experiment)
+twice, one by one with kdlib.train.fit and as kdlib.stacked.group_configs + fit_group, and prints
+the CPU and wall seconds of both (a few minutes on a quiet 2-core machine).
+
+`python benchmarks/bench_stacked.py [--device cuda] [--runs 1 4 8] [--seconds 2] [--end-to-end]`;
 benchmarks/bench_cuda.py gets the same table on a GPU from `stacked_table`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +39,14 @@ import bench_train
 from kdlib.criterion import build_criterion
 from kdlib.models import create_model
 from kdlib.stack import Stack, train_group_epoch
-from kdlib.train import AugmentConfig, FrozenTeacher, lr_lambda, train_one_epoch
+from kdlib.stacked import fit_group, group_configs
+from kdlib.train import AugmentConfig, FrozenTeacher, fit, lr_lambda, train_one_epoch
+
+DEMO = {"phantom": {"n_hgg": 40, "n_lgg": 40, "shape": [96, 96, 64]}, "image_size": 48,
+        "experiment": {"ratios": [4], "epochs": 10, "teacher": "cnn_s", "student": "cnn_xs",
+                       "grid_teachers": ["cnn_s", "cnn_m"], "grid_students": ["cnn_xs", "cnn_s"],
+                       "grid_ratio": 4, "device": "cpu", "folds": [0]}}
+"""The demo profile's data and experiment, cut to one fold and one ratio."""
 
 
 def _runs(name: str, n: int, channels: int, device: str, channels_last: bool):
@@ -125,6 +139,31 @@ def print_table(rows: list[dict[str, float | str]]) -> None:
               f"{r['loop_img_s'] / r['alone_img_s']:>10.2f}x", flush=True)
 
 
+def end_to_end(device: str = "cpu", progress: bool = False) -> dict[str, float]:
+    """CPU and wall seconds of the DEMO runs trained one by one (fit) and in groups (fit_group),
+    in a temporary output root; also the number of runs and groups."""
+    from kdlib import workbook
+    from kdlib.experiment import Experiment
+
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["KDLIB_HOME"] = tmp
+        workbook.get_dataset("bench", phantom=DEMO["phantom"], progress=progress)
+        workbook.build_cache("bench", {"image_size": DEMO["image_size"]}, progress=progress)
+        workbook.build_splits("bench", {"k_folds": 3})
+        exp = Experiment(**{**DEMO["experiment"], "device": device})
+        cfgs = exp.configs(**workbook.data_settings("bench"), folds=[0])
+        groups = group_configs(cfgs)
+        out.update(runs=len(cfgs), groups=len(groups))
+        for label, train in (("alone", lambda d: [fit(c, d, progress) for c in cfgs]),
+                             ("grouped", lambda d: [fit_group(g, d, progress) for g in groups])):
+            cpu, wall = time.process_time(), time.perf_counter()
+            train(Path(tmp) / label)
+            out[f"{label}_cpu_s"] = time.process_time() - cpu
+            out[f"{label}_wall_s"] = time.perf_counter() - wall
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -136,6 +175,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per figure (best)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="also train the demo's runs of one fold, alone and grouped")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gpu = args.device.startswith("cuda")
@@ -147,6 +188,12 @@ def main() -> None:
           f"4 channels, batch {args.batch}, augmentation on, teacher {args.teacher}, {clock}")
     print_table(stacked_table(args.models, args.runs, args.teacher, args.size, args.batch, 4,
                               args.device, gpu, gpu, args.seconds, args.repeats))
+    if args.end_to_end:
+        r = end_to_end(args.device)
+        print(f"\ndemo runs of fold 0 at ratio 4: {r['runs']:.0f} runs in {r['groups']:.0f} groups")
+        for label in ("alone", "grouped"):
+            print(f"  {label:<8} {r[label + '_cpu_s']:7.1f} CPU s {r[label + '_wall_s']:7.1f} wall s")
+        print(f"  CPU-time speed-up {r['alone_cpu_s'] / r['grouped_cpu_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ class Stack:
         if not self.vectorise:
             return torch.stack([m.train(train)(x) for m in self.models])
         self.template.train(train)
-        return self._forward(self.params, self.buffers, x)
+        return self._forward(self.params, self.buffers, x.contiguous())  # vmap: no channels_last
 
     def zero_grad(self) -> None:
         for p in self.params.values():
@@ -98,14 +98,30 @@ def detach_from_stack(model: nn.Module) -> nn.Module:
     return model
 
 
-def stack_problem(model: nn.Module, x: torch.Tensor) -> str | None:
-    """Why copies of `model` cannot be trained in a Stack (e.g. dropout or another random op,
-    which vmap cannot make match a run alone), or None when they can; x: a sample batch."""
+def stack_problem(model: nn.Module, x: torch.Tensor, vectorise: bool = True) -> str | None:
+    """Why runs of `model` cannot be trained together with the numbers they get alone, or None.
+
+    A model that draws random numbers (dropout, stochastic depth) cannot: its runs would share the
+    global generator's draws. Vectorised, neither can one with an op vmap cannot run. x: a sample
+    batch (two of its images are used; the global generator is left as it was).
+    """
+    xb = _prepare(x[:2].float(), False)
+    cuda = xb.device.type == "cuda"
+    before = torch.get_rng_state(), torch.cuda.get_rng_state(xb.device) if cuda else None
+    with torch.no_grad():
+        copy.deepcopy(model).train()(xb)
+    after = torch.get_rng_state(), torch.cuda.get_rng_state(xb.device) if cuda else None
+    torch.set_rng_state(before[0])
+    if cuda:
+        torch.cuda.set_rng_state(before[1], xb.device)
+    if not all(a is None or torch.equal(a, b) for a, b in zip(before, after)):
+        return "it draws random numbers in training (e.g. dropout)"
+    if not vectorise:
+        return None
     try:
-        stack = Stack([copy.deepcopy(model), copy.deepcopy(model)])
-        stack(_prepare(x[:2].float(), False), train=True).sum().backward()
+        Stack([copy.deepcopy(model), copy.deepcopy(model)])(xb, train=True).sum().backward()
     except Exception as err:  # noqa: BLE001 - any failure means: train these runs one by one
-        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        return f"vmap cannot run it ({type(err).__name__}: {str(err).splitlines()[0]})"
     return None
 
 

@@ -194,8 +194,10 @@ def fit_group(cfgs: Sequence[TrainConfig | dict | str | Path], runs_dir: str | P
 
     ConfigError when the runs cannot share a group (see `group_configs`); RunError naming the runs
     whose loss became non-finite, after the others are finished. vectorise: one vmapped
-    forward/backward for all runs (default: on CUDA only). Models that vmap cannot run (see
-    `stack_problem`) are then trained one by one with `fit`, said in a log line.
+    forward/backward for all runs (default: on CUDA only). Models that draw random numbers in
+    training, or that vmap cannot run when vectorised (see `kdlib.stack.stack_problem`), are
+    trained one by one with `fit`, said in a log line. history.csv's time_s is the group's epoch
+    time divided by its runs (their sum is the time spent).
     """
     cfgs = [load_train_config(c) for c in cfgs]
     if not cfgs:
@@ -259,11 +261,9 @@ def _fit_stacked(cfgs: list[TrainConfig], runs_dir: Path, device: torch.device,
     members = [_member(c, runs_dir, device) for c in cfgs]
     data = _split_data(cfg, device)
     (_, x_train, y_train), (_, x_val, y_val) = data["train"], data["val"]
-    problem = None
-    if vectorise and len(x_train) > 1:
-        problem = stack_problem(members[0].model, x_train)
+    problem = stack_problem(members[0].model, x_train, vectorise) if len(x_train) > 1 else None
     if problem:
-        log.warning("%d run(s) of %s: the model cannot be stacked (%s); training them one by one "
+        log.warning("%d run(s) of %s cannot be trained together: %s; training them one by one "
                     "with kdlib.train.fit", len(cfgs), cfg.model, problem)
         for c in cfgs:
             fit(c, runs_dir, progress)

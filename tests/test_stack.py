@@ -84,6 +84,25 @@ def test_train_group_epoch_matches_train_one_epoch_per_model(vectorise):
 def test_stack_problem_names_random_ops_and_accepts_the_ladder():
     x = torch.randn(2, 2, 32, 32)
     assert stack_problem(create_model("cnn_s", in_channels=2), x) is None
+    assert stack_problem(create_model("resnet18", in_channels=2), x) is None  # BatchNorm: fine
     dropout = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Dropout(0.5),
                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    assert "random" in stack_problem(dropout, x)
+    state = torch.get_rng_state()
+    for vectorise in (True, False):
+        assert "random numbers" in stack_problem(dropout, x, vectorise)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_stack_problem_names_an_op_vmap_cannot_run():
+    class ItemCall(torch.nn.Module):  # .item() reads a value: not possible under vmap
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 3, 1)
+
+        def forward(self, x):
+            z = self.conv(x).mean((2, 3))
+            return z * z.sum().item()
+
+    x = torch.randn(2, 2, 4, 4)
+    assert "vmap cannot run it" in stack_problem(ItemCall(), x)
+    assert stack_problem(ItemCall(), x, vectorise=False) is None
