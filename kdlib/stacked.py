@@ -101,18 +101,20 @@ def group_configs(cfgs: Sequence[TrainConfig | dict], max_size: int | None = Non
     that every run comes after the group of its teacher (when the teacher is among `cfgs`).
 
     Runs with the same GROUP_SETTINGS and head kind form one group (baselines and distillers of a
-    student together: the group then waits for the teachers), split where one is the other's
-    teacher. Should the groups' teachers form a cycle, runs are grouped per teacher depth instead.
-    Duplicates (same run id) are dropped.
+    student together: the group then waits for their teachers); teachers of runs in `cfgs` are
+    grouped apart from the other runs, and a run is never in its teacher's group. Should the
+    groups' teachers form a cycle, runs are grouped per teacher depth instead. Duplicates (same
+    run id) are dropped.
     """
     if max_size is not None and (not isinstance(max_size, int) or max_size < 1):
         raise ConfigError(f"max_size={max_size!r} must be a whole number >= 1 or None")
     by_id: dict[str, TrainConfig] = {}
     for c in map(load_train_config, cfgs):
         by_id.setdefault(_runs.run_id(c), c)
-    keys = {rid: repr(sorted(group_key(c).items())) for rid, c in by_id.items()}
     parent = {rid: Path(c.teacher).name for rid, c in by_id.items()
               if c.teacher and Path(c.teacher).name in by_id}
+    teachers = set(parent.values())  # grouped apart from students: never wait for another teacher
+    keys = {rid: repr((sorted(group_key(c).items()), rid in teachers)) for rid, c in by_id.items()}
 
     def depth(rid: str, same_key: bool) -> int:  # teachers above rid (of its own kind only)
         t, n = parent.get(rid), 0

@@ -193,12 +193,16 @@ def test_group_configs_partitions_a_plan_teachers_first(data):
 
 def test_group_configs_breaks_a_cycle_between_groups_by_teacher_depth(data):
     ids = lambda cfgs: [run_id(load_train_config(c)) for c in cfgs]
-    xs, s = tiny_config(*data), tiny_config(*data, model="cnn_s")
-    xs_student = tiny_config(*data, distiller="kd", teacher=ids([s])[0])
-    s_student = tiny_config(*data, model="cnn_s", distiller="kd", teacher=ids([xs])[0])
-    groups = [ids(g) for g in group_configs([xs, s, xs_student, s_student])]
-    assert [sorted(g) for g in groups[:2]] in ([ids([xs]), ids([s])], [ids([s]), ids([xs])])
-    assert sorted(map(sorted, groups[2:])) == sorted([ids([xs_student]), ids([s_student])])
+    xs_t, s_t = tiny_config(*data), tiny_config(*data, model="cnn_s")  # teachers, no teacher
+    xs_kd = tiny_config(*data, distiller="kd", teacher=ids([s_t])[0])  # teachers themselves
+    s_kd = tiny_config(*data, model="cnn_s", distiller="kd", teacher=ids([xs_t])[0])
+    last = [tiny_config(*data, model="cnn_m", distiller="kd", teacher=ids([t])[0])
+            for t in (xs_kd, s_kd)]
+    # by kind, {xs_t, xs_kd} and {s_t, s_kd} would each wait for the other
+    groups = [ids(g) for g in group_configs([xs_t, s_t, xs_kd, s_kd, *last])]
+    assert sorted(map(sorted, groups[:2])) == sorted([ids([xs_t]), ids([s_t])])
+    assert sorted(map(sorted, groups[2:4])) == sorted([ids([xs_kd]), ids([s_kd])])
+    assert sorted(groups[4]) == sorted(ids(last))
 
 
 @pytest.mark.parametrize("over, match", [
