@@ -12,10 +12,11 @@ import pytest
 from helpers_train import make_cache, write_splits
 
 from kdlib.errors import ConfigError
-from kdlib.experiment import Experiment, best_validation, histories, run_table, select_runs
+from kdlib.experiment import Experiment, run_table
 from kdlib.grid import run_grid
-from kdlib.runs import load_history, load_runs, method_name, run_id
-from kdlib.train import TrainConfig
+from kdlib.identity import method_name, run_id
+from kdlib.results import best_validation, histories, load_history, load_runs, select_runs
+from kdlib.train_config import TrainConfig
 
 CACHE, SPLITS = "data/cache/c.h5", "runs/x/splits.csv"  # never opened by configs()
 

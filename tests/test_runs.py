@@ -8,8 +8,9 @@ import pytest
 from helpers_train import tiny_config, tiny_train_data
 
 from kdlib.errors import RunError
-from kdlib.runs import load_predictions, load_runs, run_id
-from kdlib.train import TrainConfig
+from kdlib.identity import RUN_VERSION, config_identity, method_name, run_id
+from kdlib.results import load_predictions, load_runs
+from kdlib.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,6 @@ def test_run_id_survives_moving_the_output_root(data, tmp_path, monkeypatch):
     assert len(set(ids)) == 1
     outside = run_id(TrainConfig.from_dict(tiny_config(tmp_path / "c.h5", "runs/splits.csv")))
     assert outside != ids[0]  # a file outside the output root keeps its absolute path
-    from kdlib.runs import RUN_VERSION, config_identity
-
     ident = config_identity(TrainConfig.from_dict(tiny_config(tmp_path / "c.h5", "runs/s.csv")))
     assert ident["run_version"] == RUN_VERSION
     assert ident["cache"] == (tmp_path / "c.h5").resolve().as_posix()
@@ -61,8 +60,6 @@ def test_load_runs_empty_and_missing_files(tmp_path):
 
 
 def test_method_name_tells_every_variant_apart():
-    from kdlib.runs import method_name
-
     base = {"task_loss": "ce", "distiller": None, "distill_params": {}, "sampler": "none",
             "posthoc_tau": None}
     assert method_name(base) == "ce"

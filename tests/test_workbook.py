@@ -12,9 +12,10 @@ import torch
 import yaml
 
 import kdlib.data.phantom_files
-from kdlib import CLASSES, MODALITIES
+from kdlib import CLASSES, MODALITIES, summaries
 from kdlib import workbook as wb
 from kdlib.data.cache import load_slice_table
+from kdlib.data.loader import load_masks, load_tensors
 from kdlib.data.splits import load_splits
 from kdlib.errors import ConfigError, DataError
 
@@ -189,7 +190,7 @@ def test_data_settings_and_cv_folds(ws, monkeypatch):
 def test_fold_overview_one_row_per_fold_and_ratio(ws):
     splits, table = ws["split_df"], ws["table"]
     ratios = [None, 1, 4]
-    ov = wb.fold_overview(splits, table, ratios, seed=0)
+    ov = summaries.fold_overview(splits, table, ratios, seed=0)
     assert len(ov) == 2 * len(ratios)
     assert list(zip(ov["fold"], ov["target_ratio"])) == [
         (f, r) for f in (0, 1) for r in ("natural", 1, 4)]
@@ -219,7 +220,7 @@ def test_fold_overview_one_row_per_fold_and_ratio(ws):
 
 def test_split_labels_names_every_slice_split(ws):
     splits, table = ws["split_df"], ws["table"]
-    out = wb.split_labels(splits, table)
+    out = summaries.split_labels(splits, table)
     assert len(out) == len(table)
     fold = splits.set_index("subject_id")["fold"]
     want = ["test" if fold[s] == -1 else f"fold {fold[s]}" for s in out["subject_id"]]
@@ -229,41 +230,51 @@ def test_split_labels_names_every_slice_split(ws):
                                   table.reset_index(drop=True))
 
 
-def test_read_slices_in_the_order_given(ws):
+def _rows(table: pd.DataFrame, rows: list[int]) -> pd.DataFrame:
+    """The slice-table rows of the given cache rows, in the order given (repeats kept)."""
+    return table.set_index("row", drop=False).loc[rows].reset_index(drop=True)
+
+
+def test_loader_reads_images_and_masks_in_the_order_given(ws):
     rows = [7, 0, 12, 3, 5]
-    images, masks = wb.read_slices(ws["cache"], rows)
+    x, _ = load_tensors(ws["cache"], _rows(ws["table"], rows), dtype=torch.float32)
+    masks = load_masks(ws["cache"], _rows(ws["table"], rows))
     with h5py.File(ws["cache"], "r") as f:
         want_i = np.stack([f["images"][r] for r in rows]).astype(np.float32)
         want_m = np.stack([f["masks"][r] for r in rows])
-    assert images.dtype == np.float32 and images.shape == (5, 4, 16, 16)
-    np.testing.assert_array_equal(images, want_i)
+    assert x.dtype == torch.float32 and x.shape == (5, 4, 16, 16)
+    np.testing.assert_array_equal(x.numpy(), want_i)
     np.testing.assert_array_equal(masks, want_m)
-    i2, _ = wb.read_slices(ws["cache"], np.array([3, 7]))
-    np.testing.assert_array_equal(i2, want_i[[3, 0]])
-    empty, _ = wb.read_slices(ws["cache"], [])
-    assert empty.shape == (0, 4, 16, 16)
+    x2, _ = load_tensors(ws["cache"], _rows(ws["table"], [3, 7]), dtype=torch.float32)
+    np.testing.assert_array_equal(x2.numpy(), want_i[[3, 0]])
+    empty = ws["table"].iloc[:0]
+    assert load_tensors(ws["cache"], empty)[0].shape == (0, 4, 16, 16)
+    assert load_masks(ws["cache"], empty).shape == (0, 16, 16)
 
 
-def test_read_slices_with_a_repeated_row(ws):
-    images, _ = wb.read_slices(ws["cache"], [4, 2, 4])
+def test_loader_reads_a_repeated_row(ws):
+    x, _ = load_tensors(ws["cache"], _rows(ws["table"], [4, 2, 4]), dtype=torch.float32)
+    masks = load_masks(ws["cache"], _rows(ws["table"], [4, 2, 4]))
     with h5py.File(ws["cache"], "r") as f:
         want = np.stack([f["images"][r] for r in (4, 2, 4)]).astype(np.float32)
-    np.testing.assert_array_equal(images, want)
+        want_m = np.stack([f["masks"][r] for r in (4, 2, 4)])
+    np.testing.assert_array_equal(x.numpy(), want)
+    np.testing.assert_array_equal(masks, want_m)
 
 
 def test_sample_rows_caps_each_class(ws):
     table = ws["table"]
     counts = table["label"].value_counts()
     small = int(counts.min())
-    out = wb.sample_rows(table, per_class=small - 1, seed=3)
+    out = summaries.sample_rows(table, per_class=small - 1, seed=3)
     assert out["label"].value_counts().to_dict() == {c: small - 1 for c in CLASSES}
     assert out["row"].is_monotonic_increasing and not out["row"].duplicated().any()
     pd.testing.assert_frame_equal(out, table.loc[out.index])  # whole rows of the table
-    pd.testing.assert_frame_equal(out, wb.sample_rows(table, per_class=small - 1, seed=3))
-    big = wb.sample_rows(table, per_class=10_000)
+    pd.testing.assert_frame_equal(out, summaries.sample_rows(table, per_class=small - 1, seed=3))
+    big = summaries.sample_rows(table, per_class=10_000)
     assert len(big) == len(table)
     assert big["label"].value_counts().to_dict() == counts.to_dict()
-    assert len(wb.sample_rows(table.iloc[:0], per_class=3)) == 0
+    assert len(summaries.sample_rows(table.iloc[:0], per_class=3)) == 0
 
 
 def test_intensity_stats_by_hand():
@@ -273,7 +284,7 @@ def test_intensity_stats_by_hand():
     images[1, 0] = [[4, 4], [0, 0]]  # HGG flair: 4, 4
     images[:, 3] = 2.0  # t2 constant
     labels = np.array(["healthy", "HGG", "healthy"])
-    st = wb.intensity_stats(images, labels)
+    st = summaries.intensity_stats(images, labels)
     assert st.shape == (4, 6)
     assert list(st.index) == sorted(MODALITIES)
     assert st.loc["flair", ("mean", "healthy")] == pytest.approx(np.mean([1, 2, 3, 5]))
@@ -331,6 +342,6 @@ def test_tumour_regions_shares_and_slices_per_subject():
         "subject_id": ["a", "a", "a", "b", "b"], "grade": ["HGG", "HGG", "HGG", "LGG", "LGG"],
         "label": ["healthy", "HGG", "HGG", "LGG", "healthy"],
         "ncr_pixels": [0, 1, 1, 6, 0], "ed_pixels": [0, 4, 2, 2, 0], "et_pixels": [0, 2, 0, 0, 0]})
-    r = wb.tumour_regions(table)
+    r = summaries.tumour_regions(table)
     assert r.loc["HGG"].tolist() == pytest.approx([0.2, 0.6, 0.2, 2.0])
     assert r.loc["LGG"].tolist() == pytest.approx([0.75, 0.25, 0.0, 1.0])
