@@ -18,12 +18,11 @@ from kdlib import CLASSES
 from kdlib.errors import ConfigError, DataError, RunError
 from kdlib.identity import run_id
 from kdlib.models import create_model
-from kdlib.predictions import validation_scores
 from kdlib.results import load_history, load_predictions
 from kdlib.runs import RUN_FILES
-from kdlib.teachers import FrozenTeacher, load_teacher
+from kdlib.teachers import load_teacher
 from kdlib.train import fit
-from kdlib.train_config import SELECT_METRICS, TrainConfig, load_train_config
+from kdlib.train_config import TrainConfig, load_train_config
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +89,6 @@ def test_config_defaults_roundtrip_and_yaml(data, tmp_path):
 def test_config_errors_name_the_setting(data, over, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig.from_dict(tiny_config(*data, **over))
-
-
-def test_frozen_teacher_stays_in_eval_mode():
-    t = FrozenTeacher(create_model("cnn_xs", in_channels=2))
-    t.train()
-    assert not t.training and not t.model.training
-    assert not any(p.requires_grad for p in t.parameters())
-    assert not t(torch.randn(3, 2, 16, 16)).requires_grad
 
 
 # ---------------------------------------------------------------- end to end
@@ -313,9 +304,3 @@ def test_resume_refuses_another_kind_of_device(data, tmp_path, monkeypatch):
     with pytest.raises(RunError, match=r"cannot resume.*started on cuda \(bf16 autocast\).*cpu.*"
                                        r"same kind of device.*delete"):
         fit(cfg, tmp_path, progress=False)
-
-
-def test_validation_scores_cover_the_select_metrics():
-    y = torch.tensor([0, 1, 2, 1])
-    scores = validation_scores(torch.randn(4, 3), y, [2, 1, 1], None)
-    assert set(scores) == set(SELECT_METRICS)
