@@ -1,8 +1,8 @@
 """Run folders: where a run lives, atomic writes, resume checks and the environment record.
 
 A run lives in `runs_dir/<run_id>` (finished, never rewritten) or `runs_dir/.tmp-<run_id>` (in
-progress, with `checkpoint.pt`); its id comes from kdlib.identity.run_id, the results table that
-reads finished folders back from kdlib.results, and grids of runs from kdlib.grid.
+progress, with `checkpoint.pt`). The id is kdlib.identity.run_id; kdlib.results reads finished
+folders back as one table; kdlib.grid trains grids of runs.
 """
 
 from __future__ import annotations
