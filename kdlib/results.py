@@ -90,8 +90,10 @@ def select_runs(runs: pd.DataFrame, configs: list[TrainConfig]) -> pd.DataFrame:
 
 
 def histories(runs: pd.DataFrame) -> pd.DataFrame:
-    """All per-epoch histories of `runs`, with run_id, method, model, ratio and fold attached."""
-    keep = [c for c in ("run_id", "method", "model", "teacher_model", "ratio", "fold", "seed")
+    """All per-epoch histories of `runs`, with run_id, method, model, ratio, repeat and fold
+    attached."""
+    keep = [c for c in ("run_id", "method", "model", "teacher_model", "ratio", "repeat", "fold",
+                        "seed")
             if c in runs.columns]
     parts = [load_history(row["path"]).assign(**{c: row[c] for c in keep})
              for _, row in runs.iterrows()]

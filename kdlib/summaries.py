@@ -7,7 +7,14 @@ import numpy as np
 import pandas as pd
 
 from kdlib import CLASSES, MODALITIES
-from kdlib.data.splits import TEST_FOLD, achieved_ratio, check_no_leakage, fold_subjects
+from kdlib.data.splits import (
+    TEST_FOLD,
+    achieved_ratio,
+    check_no_leakage,
+    fold_subjects,
+    split_pairs,
+    split_table,
+)
 
 
 def sample_rows(table: pd.DataFrame, per_class: int, seed: int = 0) -> pd.DataFrame:
@@ -18,16 +25,17 @@ def sample_rows(table: pd.DataFrame, per_class: int, seed: int = 0) -> pd.DataFr
 
 def fold_overview(splits: pd.DataFrame, table: pd.DataFrame, ratios: list[float | None],
                   seed: int = 0) -> pd.DataFrame:
-    """Per fold and training ratio: subjects per set, achieved HGG:LGG ratio, training slices per
-    class, and the leakage check (every set pair disjoint) as it runs for training."""
+    """Per repeat, fold and training ratio: subjects per set, achieved HGG:LGG ratio, training
+    slices per class, and the leakage check (every set pair disjoint) as it runs for training."""
     rows = []
-    for fold in sorted(set(splits["fold"]) - {TEST_FOLD}):
+    for repeat, fold in split_pairs(splits):
         for ratio in ratios:
-            sets = fold_subjects(splits, fold, ratio, seed)
+            sets = fold_subjects(splits, fold, ratio, seed, repeat)
             check_no_leakage(sets)  # raises DataError naming the subjects if any leak
             train = table[table["subject_id"].isin(sets["train"])]
             counts = train["label"].value_counts()
-            rows.append({"fold": fold, "target_ratio": "natural" if ratio is None else ratio,
+            rows.append({"repeat": repeat, "fold": fold,
+                         "target_ratio": "natural" if ratio is None else ratio,
                          "achieved_ratio": round(achieved_ratio(splits, sets["train"]), 2),
                          "train_subjects": len(sets["train"]), "val_subjects": len(sets["val"]),
                          "test_subjects": len(sets["test"]),
@@ -36,10 +44,13 @@ def fold_overview(splits: pd.DataFrame, table: pd.DataFrame, ratios: list[float 
     return pd.DataFrame(rows)
 
 
-def split_labels(splits: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """The slice table with a `split` column: `test` or `fold k` (for class-distribution plots)."""
-    name = {f: ("test" if f == TEST_FOLD else f"fold {f}") for f in splits["fold"].unique()}
-    merged = table.merge(splits[["subject_id", "fold"]], on="subject_id")
+def split_labels(splits: pd.DataFrame, table: pd.DataFrame, repeat: int = 0) -> pd.DataFrame:
+    """The slice table with a `split` column, `test` or `fold k`, as repeat `repeat` of the splits
+    assigns the subjects (for class-distribution plots)."""
+    split_table(splits, table.iloc[:0], repeat)  # a clear error for a repeat not in the splits
+    part = splits[splits["repeat"] == repeat]
+    name = {f: ("test" if f == TEST_FOLD else f"fold {f}") for f in part["fold"].unique()}
+    merged = table.merge(part[["subject_id", "fold"]], on="subject_id")
     return merged.assign(split=merged["fold"].map(name))
 
 

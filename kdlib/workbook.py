@@ -19,11 +19,11 @@ from kdlib.data.cache import PrepConfig, load_slice_table, prepare_cache
 from kdlib.data.phantom import PhantomConfig
 from kdlib.data.phantom_files import make_phantom
 from kdlib.data.splits import (
-    TEST_FOLD,
     SplitConfig,
     load_splits,
     make_splits,
     save_splits,
+    split_pairs,
     subject_table,
 )
 from kdlib.errors import ConfigError, DataError
@@ -159,10 +159,11 @@ def paths(profile: str) -> ProfilePaths:
     return profile_paths(profile).make()
 
 
-def cv_folds(profile: str) -> list[int]:
-    """The cross-validation folds of the profile's splits (the test set excluded)."""
-    splits = load_splits(data_settings(profile)["splits"])
-    return sorted(int(f) for f in set(splits["fold"]) - {TEST_FOLD})
+def split_folds(profile: str) -> dict[str, list[int]]:
+    """The repeats and folds of the profile's splits (the holdout test set excluded), as
+    `Experiment.configs(..., folds=, repeats=)` takes them."""
+    pairs = split_pairs(load_splits(data_settings(profile)["splits"]))
+    return {"repeats": sorted({r for r, _ in pairs}), "folds": sorted({f for _, f in pairs})}
 
 
 def grid_devices(device: str = "auto", workers: int = 1) -> list[str] | None:

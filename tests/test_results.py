@@ -62,8 +62,8 @@ def test_histories_attach_the_run_columns(trained):
     sel = select_runs(trained["runs"], trained["configs"])
     hist = histories(sel)
     assert len(hist) == 3 * 2
-    for col in ("run_id", "method", "model", "teacher_model", "ratio", "fold", "seed", "epoch",
-                "val_macro_f1", "val_f1_LGG", "val_recall_LGG"):
+    for col in ("run_id", "method", "model", "teacher_model", "ratio", "repeat", "fold", "seed",
+                "epoch", "val_macro_f1", "val_f1_LGG", "val_recall_LGG"):
         assert col in hist.columns, col
     for _, row in sel.iterrows():
         part = hist[hist["run_id"] == row["run_id"]].reset_index(drop=True)

@@ -8,16 +8,21 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from helpers_train import make_cache, make_splits
+from helpers_train import make_cache, write_splits
 
 from kdlib import CLASSES, MODALITIES, summaries
+from kdlib.data.splits import SplitConfig, fold_subjects, load_splits, make_splits, subject_table
+from kdlib.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """12 subjects (6 HGG, 6 LGG) x 4 slices; 2 test subjects per grade, the rest in 2 folds."""
-    cache = make_cache(tmp_path_factory.mktemp("cache"), n_hgg=6, n_lgg=6, slices=4, size=16)
-    return {"table": pd.read_csv(cache.with_suffix(".csv")), "splits": make_splits(cache)}
+    """12 subjects (6 HGG, 6 LGG) x 4 slices; holdout splits: 2 test subjects per grade, the rest
+    in 2 folds."""
+    root = tmp_path_factory.mktemp("cache")
+    cache = make_cache(root, n_hgg=6, n_lgg=6, slices=4, size=16)
+    return {"table": pd.read_csv(cache.with_suffix(".csv")),
+            "splits": load_splits(write_splits(cache, root / "splits.csv"))}
 
 
 def test_fold_overview_one_row_per_fold_and_ratio(data):
@@ -61,6 +66,24 @@ def test_split_labels_names_every_slice_split(data):
     assert set(out["split"]) == {"test", "fold 0", "fold 1"}
     pd.testing.assert_frame_equal(out[table.columns].reset_index(drop=True),
                                   table.reset_index(drop=True))
+
+
+def test_fold_overview_and_split_labels_cover_every_repeat(data):
+    table = data["table"]
+    splits = make_splits(subject_table(table), SplitConfig(k_folds=3, repeats=2))
+    ov = summaries.fold_overview(splits, table, [None, 4], seed=0)
+    assert list(zip(ov["repeat"], ov["fold"], ov["target_ratio"])) == [
+        (r, f, t) for r in (0, 1) for f in (0, 1, 2) for t in ("natural", 4)]
+    for _, row in ov.iterrows():
+        sets = fold_subjects(splits, row["fold"], None, 0, row["repeat"])
+        assert (row["val_subjects"], row["test_subjects"]) == (len(sets["val"]), len(sets["test"]))
+    assert (ov["leakage"] == "none").all()
+    for r in (0, 1):
+        out = summaries.split_labels(splits, table, repeat=r)
+        fold = splits[splits["repeat"] == r].set_index("subject_id")["fold"]
+        assert out["split"].tolist() == [f"fold {fold[s]}" for s in out["subject_id"]]
+    with pytest.raises(ConfigError, match=r"repeat=5 .*\[0, 1\]"):
+        summaries.split_labels(splits, table, repeat=5)
 
 
 def test_sample_rows_caps_each_class(data):

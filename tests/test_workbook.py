@@ -15,7 +15,7 @@ from kdlib.data.splits import load_splits
 from kdlib.errors import ConfigError, DataError
 
 PHANTOM = {"n_hgg": 4, "n_lgg": 4, "shape": [32, 32, 24]}
-SPLIT = {"k_folds": 2, "test_fraction": 0.25}
+SPLIT = {"design": "holdout", "k_folds": 2, "test_fraction": 0.25}
 PROFILE = "wb"
 
 
@@ -172,11 +172,21 @@ def test_build_splits_reuse_and_new_settings(ws, monkeypatch):
     assert wb.read_manifest(PROFILE)["splits"] == str(path)
 
 
-def test_data_settings_and_cv_folds(ws, monkeypatch):
+def test_data_settings_and_split_folds(ws, monkeypatch):
     monkeypatch.setenv("KDLIB_HOME", str(ws["home"]))
     assert wb.data_settings(PROFILE) == {"cache": str(ws["cache"]), "splits": str(ws["splits"])}
-    assert wb.cv_folds(PROFILE) == [0, 1]
+    assert wb.split_folds(PROFILE) == {"repeats": [0], "folds": [0, 1]}
     assert wb.paths(PROFILE).runs == ws["home"] / "runs" / PROFILE
+    cv = wb.build_splits(PROFILE, {"k_folds": 3, "repeats": 2})
+    try:
+        assert wb.split_folds(PROFILE) == {"repeats": [0, 1], "folds": [0, 1, 2]}
+        assert wb.read_manifest(PROFILE)["split"]["design"] == "cv"
+        assert set(load_splits(cv)["repeat"]) == {0, 1}
+        with pytest.raises(ConfigError, match="test_fraction"):
+            wb.build_splits(PROFILE, {"test_fraction": 0.25})
+    finally:
+        wb.build_splits(PROFILE, SPLIT)
+    assert wb.split_folds(PROFILE) == {"repeats": [0], "folds": [0, 1]}
 
 
 def test_grid_devices(monkeypatch):

@@ -16,7 +16,8 @@ from kdlib.train_config import TrainConfig
 
 def fold_data(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     """`cache` and `splits` (resolved paths) and, for each of `train`, `val`, `test`, the slice
-    table, images and labels (loader.load_tensors on `device`) of the config's fold and ratio."""
+    table, images and labels (loader.load_tensors on `device`) of the config's repeat, fold and
+    ratio."""
     cache, splits_path = resolve(cfg.cache), resolve(cfg.splits)
     if not cache.is_file():
         raise DataError(f"cache={cfg.cache!r}: {cache} does not exist; prepare the slice cache "
@@ -26,7 +27,7 @@ def fold_data(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
                         "first (kdlib.data.splits.save_splits) or fix the path")
     table = load_slice_table(cache)
     splits = load_splits(splits_path)
-    sets = fold_subjects(splits, cfg.fold, ratio=cfg.ratio, seed=cfg.seed)
+    sets = fold_subjects(splits, cfg.fold, ratio=cfg.ratio, seed=cfg.seed, repeat=cfg.repeat)
     missing = sorted(set(splits["subject_id"]) - set(table["subject_id"]))
     if missing:
         raise DataError(f"{len(missing)} subject(s) of {splits_path} (e.g. {missing[0]}) have no "
