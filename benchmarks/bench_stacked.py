@@ -40,7 +40,9 @@ from kdlib.criterion import build_criterion
 from kdlib.models import create_model
 from kdlib.stack import Stack, train_group_epoch
 from kdlib.stacked import fit_group, group_configs
-from kdlib.train import AugmentConfig, FrozenTeacher, fit, lr_lambda, train_one_epoch
+from kdlib.teachers import FrozenTeacher
+from kdlib.train import fit, lr_lambda, train_one_epoch
+from kdlib.train_config import AugmentConfig
 
 DEMO = {"phantom": {"n_hgg": 40, "n_lgg": 40, "shape": [96, 96, 64]}, "image_size": 48,
         "experiment": {"ratios": [4], "epochs": 10, "teacher": "cnn_s", "student": "cnn_xs",
@@ -116,16 +118,20 @@ def stacked_table(models: Sequence[str] = ("cnn_xs", "cnn_s"), runs: Sequence[in
                   device: str = "cpu", amp: bool = False, channels_last: bool = False,
                   seconds: float = 2.0, repeats: int = 2) -> list[dict[str, float | str]]:
     """Rows (model, runs, vmap_img_s, loop_img_s, alone_img_s), each figure the best of `repeats`
-    measurements; what bench_cuda.py prints for a GPU."""
+    measurements (alone: of all the model's measurements, since it does not depend on the number
+    of runs); what bench_cuda.py prints for a GPU."""
     rows = []
     for name in models:
+        found = []
         for n in runs:
             best = {"vmap": 0.0, "loop": 0.0, "alone": 0.0}
             for _ in range(repeats):
                 got = measure(name, n, teacher, size, batch, channels, device, amp,
                               channels_last, seconds)
                 best = {k: max(best[k], got[k]) for k in best}
-            rows.append({"model": name, "runs": n, **{f"{k}_img_s": v for k, v in best.items()}})
+            found.append({"model": name, "runs": n, **{f"{k}_img_s": v for k, v in best.items()}})
+        alone = max(r["alone_img_s"] for r in found)  # one run alone: the same figure for every n
+        rows += [{**r, "alone_img_s": alone} for r in found]
     return rows
 
 

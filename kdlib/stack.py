@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from kdlib import CLASSES
 from kdlib.data import loader
-from kdlib.train import AugmentConfig, _autocast, _prepare, batches
+from kdlib.train import _autocast, _prepare, batches
+from kdlib.train_config import AugmentConfig
 
 
 class Stack:

@@ -31,26 +31,24 @@ from kdlib import CLASSES
 from kdlib import runs as _runs
 from kdlib.criterion import build_criterion, logit_scale, needs_cosine_head
 from kdlib.data import loader
+from kdlib.data.folds import fold_data
 from kdlib.errors import ConfigError, DataError, RunError
+from kdlib.identity import EXECUTION_SETTINGS, config_identity, run_id
+from kdlib.predictions import predictions_frame, validation_scores
 from kdlib.stack import Stack, detach_from_stack, stack_problem, train_group_epoch
+from kdlib.teachers import build_model, load_teacher
 from kdlib.train import (
-    TrainConfig,
     _better,
     _finish,
     _rng_states,
     _set_rng_states,
-    _split_data,
     batches,
-    build_model,
     evaluate,
     fit,
-    load_teacher,
-    load_train_config,
     lr_lambda,
-    predictions_frame,
     resolve_device,
-    validation_scores,
 )
+from kdlib.train_config import TrainConfig, load_train_config
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +65,8 @@ may differ. A cosine head (ldam_drw) is another architecture, so it forms groups
 
 def group_key(cfg: TrainConfig) -> dict[str, Any]:
     """The values of GROUP_SETTINGS (data paths normalised as in the run id) plus the head kind."""
-    ident = _runs.config_identity(cfg)
-    key = {k: ident.get(k) for k in GROUP_SETTINGS if k not in _runs.EXECUTION_SETTINGS}
+    ident = config_identity(cfg)  # cache and splits as the run id sees them
+    key = {k: ident.get(k, getattr(cfg, k)) for k in GROUP_SETTINGS if k not in EXECUTION_SETTINGS}
     key.update(device=cfg.device, deterministic=cfg.deterministic,
                head="cosine" if needs_cosine_head(cfg.task_loss) else "linear")
     return key
@@ -83,14 +81,14 @@ def check_group(cfgs: Sequence[TrainConfig]) -> None:
         for name, value in key.items():
             if value != first[name]:
                 raise ConfigError(
-                    f"runs {_runs.run_id(cfgs[0])} and {_runs.run_id(cfg)} cannot be trained "
+                    f"runs {run_id(cfgs[0])} and {run_id(cfg)} cannot be trained "
                     f"together: {name} is {first[name]!r} in one and {value!r} in the other; runs "
                     f"of a group share {list(GROUP_SETTINGS)} and the head kind; partition the "
                     "runs with kdlib.stacked.group_configs")
-    ids = {_runs.run_id(c) for c in cfgs}
+    ids = {run_id(c) for c in cfgs}
     for cfg in cfgs:
         if cfg.teacher and Path(cfg.teacher).name in ids:
-            raise ConfigError(f"run {_runs.run_id(cfg)} distils from {Path(cfg.teacher).name}, "
+            raise ConfigError(f"run {run_id(cfg)} distils from {Path(cfg.teacher).name}, "
                               "which is in the same group: train the teacher's group first "
                               "(kdlib.stacked.group_configs orders them)")
 
@@ -110,7 +108,7 @@ def group_configs(cfgs: Sequence[TrainConfig | dict], max_size: int | None = Non
         raise ConfigError(f"max_size={max_size!r} must be a whole number >= 1 or None")
     by_id: dict[str, TrainConfig] = {}
     for c in map(load_train_config, cfgs):
-        by_id.setdefault(_runs.run_id(c), c)
+        by_id.setdefault(run_id(c), c)
     parent = {rid: Path(c.teacher).name for rid, c in by_id.items()
               if c.teacher and Path(c.teacher).name in by_id}
     teachers = set(parent.values())  # grouped apart from students: never wait for another teacher
@@ -206,7 +204,7 @@ def fit_group(cfgs: Sequence[TrainConfig | dict | str | Path], runs_dir: str | P
         return []
     check_group(cfgs)
     runs_dir = Path(runs_dir)
-    ids = [_runs.run_id(c) for c in cfgs]
+    ids = [run_id(c) for c in cfgs]
     todo = list({rid: c for rid, c in zip(ids, cfgs)
                  if not _runs.is_finished(runs_dir / rid)}.values())
     if todo:
@@ -218,7 +216,7 @@ def fit_group(cfgs: Sequence[TrainConfig | dict | str | Path], runs_dir: str | P
 
 
 def _member(cfg: TrainConfig, runs_dir: Path, device: torch.device) -> _Member:
-    rid = _runs.run_id(cfg)
+    rid = run_id(cfg)
     torch.manual_seed(cfg.seed)  # fit's order: the student's init first
     model = build_model(cfg, device)
     if device.type == "cuda":
@@ -239,7 +237,7 @@ def _setup(m: _Member, counts: list[int], steps: int, data: dict[str, Any],
     m.optimizer = torch.optim.AdamW(m.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     m.scheduler = torch.optim.lr_scheduler.LambdaLR(
         m.optimizer, lr_lambda(cfg.warmup_epochs * steps, cfg.epochs * steps))
-    m.identity = {"config": _runs.config_identity(cfg),
+    m.identity = {"config": config_identity(cfg),
                   "data": _runs.data_fingerprint(data["cache"], data["splits"]),
                   "execution": _runs.execution_identity(device)}
     m.state = {"epoch": 0, "best_epoch": 0, "best_score": None, "bad_epochs": 0,
@@ -261,7 +259,7 @@ def _fit_stacked(cfgs: list[TrainConfig], runs_dir: Path, device: torch.device,
                  progress: bool, vectorise: bool) -> None:
     cuda, cfg = device.type == "cuda", cfgs[0]
     members = [_member(c, runs_dir, device) for c in cfgs]
-    data = _split_data(cfg, device)
+    data = fold_data(cfg, device)
     (_, x_train, y_train), (_, x_val, y_val) = data["train"], data["val"]
     problem = stack_problem(members[0].model, x_train, vectorise) if len(x_train) > 1 else None
     if problem:

@@ -15,9 +15,12 @@ import kdlib.stacked
 import kdlib.train
 from kdlib import CLASSES
 from kdlib.errors import ConfigError, RunError
-from kdlib.runs import RUN_FILES, load_history, load_predictions, load_runs, run_id
+from kdlib.identity import run_id
+from kdlib.results import load_history, load_predictions, load_runs
+from kdlib.runs import RUN_FILES
 from kdlib.stacked import fit_group, group_configs
-from kdlib.train import fit, load_train_config
+from kdlib.train import fit
+from kdlib.train_config import load_train_config
 
 REAL_SCORES = kdlib.train.validation_scores
 
