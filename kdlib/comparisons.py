@@ -60,9 +60,8 @@ def _per_split(rows: pd.DataFrame, metric: str, pair_on: list[str], what: str) -
     ratio = next((p for p in RATIO_COLUMNS if set(p) <= set(rows.columns)), None)
     rows = rows.assign(_ttr=(rows[ratio[0]] / rows[ratio[1]]).astype(float) if ratio else np.nan)
     g = rows.groupby(pair_on, dropna=False, sort=True)
-    out = g.agg(value=(metric, "mean"), n_seeds=(metric, "size"), ttr=("_ttr", "mean"))
-    if "seed" in rows.columns:
-        out["seeds"] = g["seed"].agg(lambda s: tuple(sorted(s)))
+    out = g[[metric, "_ttr"]].mean().rename(columns={metric: "value", "_ttr": "ttr"})
+    out["n_seeds"] = g.size()
     return out.reset_index()
 
 
@@ -102,9 +101,8 @@ def split_differences(runs: pd.DataFrame, method: str | Mapping, baseline: str |
     out["method_value"], out["baseline_value"] = m["value"], m["value_b"]
     out["diff"] = m["value"] - m["value_b"]
     out["n_seeds"], out["n_seeds_baseline"] = m["n_seeds"], m["n_seeds_b"]
-    out["seed_var"] = np.nan
-    if "seeds" in m.columns:
-        out["seed_var"] = _seed_var(ours, base, m, metric, pair_on)
+    out["seed_var"] = _seed_var(ours, base, m, metric, pair_on) if "seed" in runs.columns \
+        else np.nan
     out["test_train_ratio"] = (m["ttr"] * m["n_seeds"] + m["ttr_b"] * m["n_seeds_b"]) / (
         m["n_seeds"] + m["n_seeds_b"])
     bad = out["diff"].isna()
@@ -117,14 +115,17 @@ def split_differences(runs: pd.DataFrame, method: str | Mapping, baseline: str |
 
 def _seed_var(ours: pd.DataFrame, base: pd.DataFrame, m: pd.DataFrame, metric: str,
               pair_on: list[str]) -> np.ndarray:
-    same = (m["seeds"] == m["seeds_b"]) & (m["n_seeds"] > 1)
-    if not same.any():
-        return np.full(len(m), np.nan)
-    per_seed = ours.merge(base, on=[*pair_on, "seed"], suffixes=("", "_b"))
-    per_seed = per_seed.assign(_d=per_seed[metric] - per_seed[f"{metric}_b"])
-    var = per_seed.groupby(pair_on, dropna=False)["_d"].var(ddof=1).rename("_v").reset_index()
-    v = m[pair_on].merge(var, on=pair_on, how="left")["_v"].to_numpy(float)
-    return np.where(same.to_numpy(), v, np.nan)
+    """Per split: variance over seeds of the per-seed differences, where both arms ran the same
+    two or more seeds (NaN elsewhere)."""
+    per_seed = ours[[*pair_on, "seed", metric]].merge(base[[*pair_on, "seed", metric]],
+                                                      on=[*pair_on, "seed"], suffixes=("", "_b"))
+    g = (per_seed[metric] - per_seed[f"{metric}_b"]).groupby(
+        [per_seed[c] for c in pair_on], dropna=False, sort=True)
+    stats = pd.DataFrame({"_v": g.var(ddof=1), "_n": g.size()}).reset_index()
+    v = m[pair_on].merge(stats, on=pair_on, how="left")
+    same = (v["_n"].to_numpy() == m["n_seeds"].to_numpy()) & (
+        m["n_seeds"].to_numpy() == m["n_seeds_b"].to_numpy()) & (m["n_seeds"].to_numpy() > 1)
+    return np.where(same, v["_v"].to_numpy(float), np.nan)
 
 
 def design_shape(diffs: pd.DataFrame) -> dict[str, int]:
