@@ -160,3 +160,26 @@ def smallest_design(sd: float, target_gain: float, ks: Sequence[int] = (3, 5, 10
             f"{int(best['r'])} x {int(best['s'])}, detects {best['min_detectable_gain']:.3g}")}
     return {"design": f"{int(ok.iloc[0]['k'])} folds x {int(ok.iloc[0]['r'])} repeats x "
             f"{int(ok.iloc[0]['s'])} seeds", "reason": "", **ok.iloc[0].to_dict()}
+
+
+def power_summary(diffs: pd.DataFrame, target_gain: float = 0.05, ks: Sequence[int] = (3, 5, 10),
+                  max_repeats: int = 10, seeds: Sequence[int] = (1, 2, 3), alpha: float = 0.05,
+                  power: float = 0.8, arms: int = 1) -> dict:
+    """From one comparison's split_differences table: the design it ran (k, r, s), its variance
+    components, the gain it can detect, and the smallest design that detects `target_gain`
+    (n_test/n_train scaled from the observed one). For a Holm family of m tests, pass alpha/m
+    (the first, strictest step)."""
+    k = int(diffs["fold"].nunique())
+    r = int(diffs["repeat"].nunique()) if "repeat" in diffs else 1
+    s = int(round(float(diffs["n_seeds"].mean())))
+    v = variance_components(diffs)
+    q = float(diffs["test_train_ratio"].mean())
+    if not np.isfinite(q):
+        raise ConfigError("the differences lack test_train_ratio; give the run table "
+                          "n_test_slices and n_train_slices")
+    best = smallest_design(v["sd"], target_gain, ks, max_repeats, seeds, alpha, power,
+                           v["sd_seed"], q, k, arms)
+    return {"k": k, "r": r, "s": s, "test_train_ratio": q, **v,
+            "min_detectable_gain": min_detectable_gain(v["sd"], k, r, s, alpha, power, q,
+                                                       v["sd_seed"]),
+            "target_gain": target_gain, "smallest_design": best}

@@ -15,6 +15,7 @@ from kdlib.power import (
     design_table,
     exact_power,
     min_detectable_gain,
+    power_summary,
     smallest_design,
     fold_test_train_ratio,
     variance_components,
@@ -116,3 +117,16 @@ def test_power_settings_are_checked():
         min_detectable_gain(0.05, 5, 2, power=80)
     with pytest.raises(ConfigError, match="target_gain"):
         design_table(0.05, 0.0)
+
+
+def test_power_summary_of_a_run_comparison():
+    d = pd.DataFrame({"repeat": [0] * 5 + [1] * 5, "fold": list(range(5)) * 2,
+                      "diff": [0.02, 0.08, -0.01, 0.05, 0.03, 0.06, 0.0, 0.04, 0.07, 0.01],
+                      "n_seeds": 1, "seed_var": np.nan, "test_train_ratio": 1 / 3})
+    p = power_summary(d, target_gain=0.05, ks=(5, 10), max_repeats=6, seeds=(1,))
+    sd = float(np.std(d["diff"], ddof=1))
+    assert (p["k"], p["r"], p["s"]) == (5, 2, 1) and p["sd"] == pytest.approx(sd)
+    assert p["min_detectable_gain"] == pytest.approx(min_detectable_gain(sd, 5, 2))
+    best = p["smallest_design"]
+    assert best == smallest_design(sd, 0.05, (5, 10), 6, (1,), observed_ratio=1 / 3,
+                                   observed_k=5)
