@@ -8,7 +8,7 @@ split, their seeds averaged within it, and the k x r per-split differences are t
 - the Bayesian correlated t-test (Corani & Benavoli, Machine Learning 2015; Benavoli et al., JMLR
   2017) with a region of practical equivalence (ROPE);
 - for a fixed held-out test set (the holdout design), an interval that adds the training variance
-  across splits to the patient-bootstrap variance of that one test set.
+  across splits (with the same correction) to the patient-bootstrap variance of that test set.
 """
 
 from __future__ import annotations
@@ -30,8 +30,11 @@ DECISION = 0.95
 """Posterior probability above which the Bayesian test decides (Benavoli et al. 2017)."""
 HOLDOUT_CAVEAT = (
     "fixed held-out test set: the interval adds the patient-bootstrap variance of this one test "
-    "set to the training variance across splits (SE^2 = SE_boot^2 + s^2/n); it speaks for new "
-    "patients only as far as this test set represents them, and treats the splits as independent")
+    "set to the training variance across splits; it speaks for new patients only as far as this "
+    "test set represents them")
+UNCORRECTED_CAVEAT = (
+    ", and it treats the splits as independent although they share training subjects and seeds "
+    "(too narrow when a seed's effect persists across splits)")
 RATIO_COLUMNS = (("n_test_slices", "n_train_slices"), ("n_test", "n_train"))
 
 
@@ -207,25 +210,30 @@ def bayes_decision(p_better: float, p_rope: float, p_worse: float,
     return "undecided"
 
 
-def holdout_interval(diffs: Sequence[float], se_boot: float, ci: float = 0.95
-                     ) -> dict[str, float | str]:
-    """Interval of the mean gain on a fixed held-out test set: SE^2 = SE_boot^2 + s^2/n, the
-    paired patient-bootstrap variance of that test set plus the training variance across the n
-    splits, with Welch-Satterthwaite df (Satterthwaite 1946). Returns mean, se, df, t, p, ci_low,
-    ci_high, n, caveat."""
+def holdout_interval(diffs: Sequence[float], se_boot: float, test_train_ratio: float | None,
+                     ci: float = 0.95) -> dict[str, float | str]:
+    """Interval of the mean gain on a fixed held-out test set: SE^2 = SE_boot^2 + V_train, the
+    paired patient-bootstrap variance of that test set plus the training variance of the mean over
+    the n splits, V_train = (1/n + n_test/n_train) s^2 with the Nadeau & Bengio (2003) correction
+    for splits that share training subjects and seeds (s^2/n, splits taken as independent, when
+    test_train_ratio is None). Welch-Satterthwaite df (Satterthwaite 1946). Returns mean, se, df,
+    t, p, ci_low, ci_high, n, caveat."""
     check_boot_settings(ci=ci)
     d = np.asarray(diffs, dtype=float)
     if not np.isfinite(se_boot) or se_boot < 0:
         raise ConfigError(f"se_boot={se_boot!r} must be a standard error >= 0 from the paired "
                           "patient bootstrap (kdlib.stats.bootstrap_fold_mean, column se)")
+    q = 0.0 if test_train_ratio is None else _check_ratio(test_train_ratio)
     n = len(d)
     out: dict[str, float | str] = {"mean": float(d.mean()) if n else np.nan, "se": np.nan,
                                    "df": np.nan, "t": np.nan, "p": np.nan, "ci_low": np.nan,
-                                   "ci_high": np.nan, "n": n, "caveat": HOLDOUT_CAVEAT}
+                                   "ci_high": np.nan, "n": n,
+                                   "caveat": HOLDOUT_CAVEAT if test_train_ratio is not None
+                                   else HOLDOUT_CAVEAT + UNCORRECTED_CAVEAT}
     if n < 2:
         warnings.warn(f"holdout interval needs at least 2 splits, got {n}", stacklevel=2)
         return out
-    train_var = d.var(ddof=1) / n
+    train_var = d.var(ddof=1) * (1 / n + q) if np.ptp(d) > 0 else 0.0
     se = float(np.sqrt(train_var + se_boot**2))
     df = float((train_var + se_boot**2) ** 2 / (train_var**2 / (n - 1))) if train_var > 0 \
         else np.inf

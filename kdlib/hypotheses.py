@@ -172,7 +172,7 @@ def _estimate(d: pd.DataFrame, design: str, ci: float, rope: float, se_boot: flo
             tt = repeated_cv_ttest(d["diff"], ttr, ci)
             bayes = bayes_correlated_ttest(d["diff"], ttr, rope)
             return {**tt, **{k: bayes[k] for k in ("p_better", "p_rope", "p_worse")}, "ttr": ttr}
-        h = holdout_interval(d["diff"], se_boot, ci)
+        h = holdout_interval(d["diff"], se_boot, ttr, ci)
     post = (h["df"], h["mean"], h["se"]) if h["se"] > 0 else None
     worse = float(sps.t.cdf(-rope, *post)) if post else np.nan
     better = float(sps.t.sf(rope, *post)) if post else np.nan

@@ -160,26 +160,31 @@ def test_bayes_decision():
 def test_holdout_interval_by_hand():
     d = [0.03, 0.01, 0.05, 0.02]
     mean, s2 = 0.0275, np.var(d, ddof=1)                    # s2 = 2.9167e-4
-    train_var, se_boot = s2 / 4, 0.02
-    se = math.sqrt(train_var + se_boot**2)                   # 0.021747
+    se_boot, q = 0.02, 0.3
+    train_var = s2 * (1 / 4 + q)                             # 1.6042e-4
+    se = math.sqrt(train_var + se_boot**2)                   # 0.023673
     df = (train_var + se_boot**2) ** 2 / (train_var**2 / 3)  # Welch-Satterthwaite
-    h = holdout_interval(d, se_boot)
-    assert h["se"] == pytest.approx(se) and h["se"] == pytest.approx(0.021747, abs=1e-6)
+    h = holdout_interval(d, se_boot, q)
+    assert h["se"] == pytest.approx(se) and h["se"] == pytest.approx(0.023673, abs=1e-6)
     assert h["df"] == pytest.approx(df)
     half = sps.t.ppf(0.975, df) * se
     assert (h["ci_low"], h["ci_high"]) == pytest.approx((mean - half, mean + half))
     assert h["p"] == pytest.approx(2 * sps.t.sf(mean / se, df))
     assert h["caveat"] == HOLDOUT_CAVEAT and "fixed held-out test set" in h["caveat"]
-    # without test-set sampling it is the one-sample t interval over the splits
-    h0 = holdout_interval(d, 0.0)
+    # splits taken as independent: s^2/n, and the caveat says so
+    plain = holdout_interval(d, se_boot, None)
+    assert plain["se"] == pytest.approx(math.sqrt(s2 / 4 + se_boot**2))   # 0.021747
+    assert plain["se"] == pytest.approx(0.021747, abs=1e-6) and "independent" in plain["caveat"]
+    # without test-set sampling and correction it is the one-sample t interval over the splits
+    h0 = holdout_interval(d, 0.0, None)
     assert h0["df"] == pytest.approx(3)
     assert (h0["ci_low"], h0["ci_high"]) == pytest.approx(
         tuple(sps.ttest_1samp(d, 0.0).confidence_interval(0.95)))
     # identical splits: only the bootstrap part remains, a normal interval
-    h1 = holdout_interval([0.02, 0.02, 0.02], 0.01)
+    h1 = holdout_interval([0.02, 0.02, 0.02], 0.01, q)
     assert h1["df"] == np.inf and h1["ci_low"] == pytest.approx(0.02 - 1.959964 * 0.01)
     with pytest.raises(ConfigError, match="se_boot"):
-        holdout_interval(d, -1.0)
+        holdout_interval(d, -1.0, q)
 
 
 def test_holdout_se_boot_is_the_paired_bootstrap_se():

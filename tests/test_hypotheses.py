@@ -139,7 +139,7 @@ def test_effect_table_holdout_design_uses_the_combined_interval():
     d = split_differences(runs, "kd", "ce", "f1_LGG")
     se_boot = holdout_se_boot([preds[f"kd-{f}"] for f in range(3)],
                               [preds[f"ce-{f}"] for f in range(3)], "f1_LGG", 200, 3)
-    h = holdout_interval(d["diff"], se_boot)
+    h = holdout_interval(d["diff"], se_boot, 96 / 300)
     assert (row["ci_low"], row["ci_high"], row["p"]) == pytest.approx(
         (h["ci_low"], h["ci_high"], h["p"]))
     assert "fixed held-out test set" in row["caveat"]
