@@ -171,7 +171,7 @@ def power_summary(diffs: pd.DataFrame, target_gain: float = 0.05, ks: Sequence[i
     (the first, strictest step)."""
     k = int(diffs["fold"].nunique())
     r = int(diffs["repeat"].nunique()) if "repeat" in diffs else 1
-    s = int(round(float(diffs["n_seeds"].mean())))
+    s = round(float(diffs["n_seeds"].mean()))
     v = variance_components(diffs)
     q = float(diffs["test_train_ratio"].mean())
     if not np.isfinite(q):

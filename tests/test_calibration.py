@@ -34,7 +34,7 @@ def test_pseudo_patients_have_the_task_shape():
     assert set(table["label"]) == set(CLASSES) and table["slice"].is_unique
     # images are not reused and a new generator regroups them
     assert len(np.unique(x, axis=0)) >= len(x) - 10  # load_digits holds a few duplicates
-    x2, table2 = pseudo_patients(np.random.default_rng(1))
+    x2, _ = pseudo_patients(np.random.default_rng(1))
     assert not np.array_equal(x, x2)
 
 

@@ -1,6 +1,7 @@
 """kdlib.power: the design's standard error by hand, the detectable gain against the noncentral t and
 a simulation of the corrected t-test, monotonicity, and the smallest design."""
 
+import itertools
 import math
 
 import numpy as np
@@ -14,10 +15,10 @@ from kdlib.power import (
     design_se,
     design_table,
     exact_power,
+    fold_test_train_ratio,
     min_detectable_gain,
     power_summary,
     smallest_design,
-    fold_test_train_ratio,
     variance_components,
 )
 
@@ -68,7 +69,7 @@ def test_power_simulation_of_the_corrected_ttest_matches_exact_power():
 
 def test_detectable_gain_is_monotone():
     g = [min_detectable_gain(0.05, 5, r) for r in range(1, 8)]
-    assert all(a > b for a, b in zip(g, g[1:]))
+    assert all(a > b for a, b in itertools.pairwise(g))
     assert min_detectable_gain(0.05, 10, 2) < min_detectable_gain(0.05, 5, 2) \
         < min_detectable_gain(0.05, 3, 2)
     seeds = [min_detectable_gain(0.03, 5, 2, s, sd_seed=0.05) for s in (1, 2, 4)]
