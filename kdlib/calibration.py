@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
+from sklearn.datasets import load_digits
+from tqdm.auto import tqdm
 
 from kdlib import CLASSES, MINORITY
 from kdlib.comparisons import (
@@ -75,8 +77,6 @@ def pseudo_patients(rng: np.random.Generator, images_per_patient: tuple[int, int
     """Digits regrouped into pseudo-patients: x (n, 64) in [0, 1] and a slice table subject_id,
     slice, label, grade (one row per image). Every HGG-digit image is used; LGG patients are
     len(HGG patients) / hgg_per_lgg, so LGG is the minority grade."""
-    from sklearn.datasets import load_digits
-
     x_all, digit = load_digits(return_X_y=True)
     pools = {c: rng.permutation(np.flatnonzero(np.isin(digit, d))) for c, d in DIGITS.items()}
     n_h, n_t = images_per_patient
@@ -237,8 +237,6 @@ def calibrate(cfg: CalibrationConfig, rope: float = 0.02, repeats: Sequence[int]
     """Run cfg.replicates replicates; one row per replicate and number of repeats analysed (`r`:
     the first r repeats of the same runs, default cfg.repeats only) with the A/A and (cv) the
     logit-adjustment outcomes: mean, sd, se, df, p, interval, Bayesian probabilities."""
-    from tqdm.auto import tqdm
-
     repeats = [cfg.repeats] if repeats is None else sorted(repeats)
     if not repeats or repeats[0] < 1 or repeats[-1] > cfg.repeats:
         raise ConfigError(f"repeats={repeats!r} must lie in 1..{cfg.repeats} (cfg.repeats)")
