@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdlib import CLASSES, MODALITIES
+from kdlib import CLASSES, MODALITIES, criterion, models
 from kdlib.config import check_choice, check_range, from_dict, read_yaml, to_dict
 from kdlib.data.loader import SAMPLERS
 from kdlib.errors import ConfigError
@@ -52,7 +52,7 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines one training run; its run id is a hash of these settings except
-    `device` and `deterministic` (kdlib.runs.run_id).
+    `device` and `deterministic` (kdlib.identity.run_id).
 
     cache, splits: the slice cache .h5 and the splits CSV (relative paths are taken from the
         output root, kdlib.paths.resolve).
@@ -163,8 +163,6 @@ class TrainConfig:
         self._check_methods()
 
     def _check_methods(self) -> None:
-        from kdlib import criterion, models
-
         models.check_model_name(self.model)
         check_choice("task_loss", self.task_loss, sorted(criterion.LOSSES))
         check_choice("distiller", self.distiller, [None, *sorted(criterion.DISTILLERS)])

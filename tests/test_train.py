@@ -12,15 +12,17 @@ import torch
 import yaml
 from helpers_train import tiny_config, tiny_train_data
 
-import kdlib.criterion
 import kdlib.data.loader
-import kdlib.runs
 import kdlib.train
 from kdlib import CLASSES
 from kdlib.errors import ConfigError, DataError, RunError
+from kdlib.identity import run_id
 from kdlib.models import create_model
-from kdlib.runs import RUN_FILES, load_history, load_predictions, run_id
-from kdlib.train import FrozenTeacher, TrainConfig, fit, load_train_config
+from kdlib.results import load_history, load_predictions
+from kdlib.runs import RUN_FILES
+from kdlib.teachers import load_teacher
+from kdlib.train import fit
+from kdlib.train_config import TrainConfig, load_train_config
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +91,6 @@ def test_config_defaults_roundtrip_and_yaml(data, tmp_path):
 def test_config_errors_name_the_setting(data, over, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig.from_dict(tiny_config(*data, **over))
-
-
-def test_frozen_teacher_stays_in_eval_mode():
-    t = FrozenTeacher(create_model("cnn_xs", in_channels=2))
-    t.train()
-    assert not t.training and not t.model.training
-    assert not any(p.requires_grad for p in t.parameters())
-    assert not t(torch.randn(3, 2, 16, 16)).requires_grad
 
 
 # ---------------------------------------------------------------- end to end
@@ -220,13 +214,13 @@ def test_resume_refuses_changed_data_or_config(data, tmp_path, monkeypatch):
     with pytest.raises(RunError, match=r"cannot resume.*splits"):
         fit(cfg, tmp_path, progress=False)
     shutil.copy(splits, own)
-    monkeypatch.setattr(kdlib.runs, "run_id", lambda c: run_id(load_train_config(cfg)))
+    monkeypatch.setattr(kdlib.train, "run_id", lambda c: run_id(load_train_config(cfg)))
     with pytest.raises(RunError, match=r"cannot resume.*lr"):
         fit({**cfg, "lr": 0.1}, tmp_path, progress=False)
 
 
 def test_nan_loss_stops_naming_epoch_and_step_and_keeps_checkpoint(data, tmp_path, monkeypatch):
-    real = kdlib.criterion.build_criterion
+    real = kdlib.train.build_criterion
 
     def build(*args, **kw):
         crit, calls = real(*args, **kw), [0]
@@ -240,7 +234,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_checkpoint(data, tmp_pat
 
         return criterion
 
-    monkeypatch.setattr(kdlib.criterion, "build_criterion", build)
+    monkeypatch.setattr(kdlib.train, "build_criterion", build)
     cfg = tiny_config(*data, epochs=3)
     match = r"nan at epoch 2, step 2 of 2.*checkpoint \(epoch 1\) is kept"
     with pytest.raises(RunError, match=match):
@@ -282,7 +276,7 @@ def _edited_teacher(teacher, folder, **over):
 
 def test_teacher_must_share_data_and_not_see_the_students_val_or_test(data, teacher, tmp_path):
     cache, splits = data
-    load = lambda t: kdlib.train.load_teacher(
+    load = lambda t: load_teacher(
         load_train_config(tiny_config(cache, splits, distiller="kd", teacher=str(t))), tmp_path,
         torch.device("cpu"))
     other_fold = _edited_teacher(teacher, tmp_path / "fold1-teacher", fold=1)
@@ -318,9 +312,3 @@ def test_resume_refuses_another_kind_of_device(data, tmp_path, monkeypatch):
     with pytest.raises(RunError, match=r"cannot resume.*started on cuda \(bf16 autocast\).*cpu.*"
                                        r"same kind of device.*delete"):
         fit(cfg, tmp_path, progress=False)
-
-
-def test_validation_scores_cover_the_select_metrics():
-    y = torch.tensor([0, 1, 2, 1])
-    scores = kdlib.train.validation_scores(torch.randn(4, 3), y, [2, 1, 1], None)
-    assert set(scores) == set(kdlib.train.SELECT_METRICS)
