@@ -223,20 +223,6 @@ def cv_folds(profile: str) -> list[int]:
     return sorted(int(f) for f in set(splits["fold"]) - {TEST_FOLD})
 
 
-def grid_devices(device: str = "auto", workers: int = 1) -> list[str] | None:
-    """The `devices` of run_grid: on a GPU machine (device auto/cuda) None, i.e. one process per
-    GPU; on the CPU `workers` single-threaded processes (small CNNs train faster that way than
-    with one multi-threaded process), or None for one in-process run at a time."""
-    import torch
-
-    if workers < 1:
-        raise ConfigError(f"workers={workers!r} must be >= 1")
-    if device.startswith("cuda:"):
-        return [device]  # that GPU only, not every GPU of the machine
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    return ["cpu"] * workers if on_cpu and workers > 1 else None
-
-
 def tumour_regions(table: pd.DataFrame) -> pd.DataFrame:
     """Per grade: each BraTS sub-region's share of the tumour pixels of the tumour slices, and the
     number of tumour slices per subject (from a slice table)."""
