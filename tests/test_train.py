@@ -465,3 +465,22 @@ def test_training_step_has_no_host_sync_and_no_op_strict_cuda_determinism_reject
                                    "densenet121", "efficientnet_v2_s"])
 def test_real_profile_models_step_without_host_sync_or_nondeterministic_ops(model):
     _scan_step(model, "ce", "dkd")
+
+
+def test_compile_trains_the_compiled_model_and_saves_plain_weights(data, tmp_path, monkeypatch):
+    """torch.compile on (dynamo's eager backend here: inductor takes minutes on this CPU)."""
+    real, compiled = torch.compile, []
+
+    def compile_eager(model, **kw):
+        compiled.append(model)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    path = fit(tiny_config(*data, epochs=1, compile=True), tmp_path, progress=False)
+    assert len(compiled) == 1
+    assert not isinstance(compiled[0], torch._dynamo.eval_frame.OptimizedModule)
+    state = torch.load(path / "model.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in state)
+    assert json.loads((path / "env.json").read_text())["compile"] is True
+    plain = fit(tiny_config(*data, epochs=1), tmp_path / "plain", progress=False)
+    assert path.name == plain.name  # compile is an execution setting, not part of the run id
