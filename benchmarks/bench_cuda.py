@@ -17,8 +17,8 @@ AdamW, channels_last on CUDA), after warm-up, with deterministic settings on and
   at once, against one.
 
 `python benchmarks/bench_cuda.py` (the GPU if there is one, else the CPU, same table);
-`--quick` for tiny settings (32 px, batch 4, short timings): a check that the script works, whose
-figures mean nothing; `--json PATH` also writes the results (benchmarks/gpu_check.py reads them).
+`--quick` for tiny settings (32 px, batch 4, short timings; the default without a GPU): a check
+that the script works, whose figures mean nothing; `--json PATH` also writes the results.
 """
 
 from __future__ import annotations
@@ -316,6 +316,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.device == "auto" and not torch.cuda.is_available() and not args.quick:
+        print("bench_cuda: no CUDA GPU here, so the quick CPU version runs (--device cpu runs the "
+              "full settings on the CPU: hours)")
+        args.quick = True
     if args.quick:
         args.size, args.batch, args.seconds, args.warmup = 32, 4, 0.2, 1
         args.processes = [1, 2]

@@ -1,5 +1,5 @@
 """The device policy in one place: which device a run trains on, how many runs share a GPU, the
-autocast precision, determinism, and host-to-device copies that do not stall the GPU.
+autocast precision, determinism, and the optimizer's kernels.
 
 Precision: on CUDA the network body runs under autocast (bf16 where the GPU has native bf16,
 else fp16 with a GradScaler; fp32 when asked), while the classifier head and the loss run in
@@ -28,10 +28,10 @@ from kdlib.train_config import PRECISIONS
 CUBLAS_WORKSPACE = ":4096:8"
 # Deterministic cuBLAS needs a fixed workspace. PyTorch reads CUBLAS_WORKSPACE_CONFIG once, when
 # the process first creates a cuBLAS workspace (its first matmul on the GPU), and keeps that size;
-# its determinism check reads the variable again at every matmul. Set inside fit() (as before),
-# the variable satisfied the check while a notebook kernel that had already used the GPU kept the
-# default workspace: silently non-deterministic. So it is set here, when kdlib first imports its
-# device policy, before kdlib makes any CUDA call; a value already in the environment wins.
+# its determinism check reads the variable again at every matmul. Set inside fit(), it would pass
+# the check while a notebook kernel that had already used the GPU kept the default workspace:
+# silently non-deterministic. So it is set when kdlib imports its device policy, before kdlib makes
+# any CUDA call (every kdlib path to the GPU imports this module); a value already set wins.
 _CUDA_BEFORE_KDLIB = torch.cuda.is_initialized() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
 
