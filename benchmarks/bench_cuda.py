@@ -10,9 +10,9 @@ AdamW, channels_last on CUDA), after warm-up, with deterministic settings on and
 - per profile, the projected hours of the whole experiment on one device: the sum over its runs
   (taken from the profile's experiment through kdlib) of epochs x training slices / images/s plus
   per-run overhead (process start, loading the slices, per-epoch validation and checkpoint, the
-  test pass). Training slices per fold and ratio come from kdlib's splits code on BraTS2020's 293
-  HGG + 76 LGG subjects x slices per subject (`--slices-per-subject`, or `--slice-table` of a real
-  cache for the exact counts);
+  test pass). Each run's training, validation and test slices come from kdlib's splits code (the
+  profile's design, folds and repeats) on BraTS2020's 293 HGG + 76 LGG subjects x slices per
+  subject (`--slices-per-subject`, or `--slice-table` of a real cache for the exact counts);
 - the gain of several runs per device: N processes training the experiment's most frequent pair
   at once, against one.
 
@@ -42,7 +42,7 @@ import torch
 from kdlib import CLASSES, MODALITIES
 from kdlib.criterion import build_criterion
 from kdlib.data.loader import load_tensors
-from kdlib.data.splits import SplitConfig, fold_subjects, make_splits
+from kdlib.data.splits import SplitConfig, fold_subjects, make_splits, split_pairs
 from kdlib.device import (
     ACTIVATION_SLACK,
     BYTES_PER_PARAM,
@@ -54,10 +54,12 @@ from kdlib.device import (
     resolve_device,
 )
 from kdlib.experiment import Experiment
+from kdlib.identity import run_id
 from kdlib.models import count_parameters, create_model
 from kdlib.pipeline import list_notebooks, load_profile, notebook_parameters
-from kdlib.runs import run_id
-from kdlib.train import AugmentConfig, FrozenTeacher, evaluate, lr_lambda, train_step
+from kdlib.teachers import FrozenTeacher
+from kdlib.train import evaluate, lr_lambda, train_step
+from kdlib.train_config import AugmentConfig
 
 PROFILES = ("brats2020_nifti", "brats2020_h5")
 BRATS_SUBJECTS = {"HGG": 293, "LGG": 76}  # the BraTS2020 training set
@@ -85,19 +87,20 @@ def profile_experiment(name: str) -> tuple[Experiment, SplitConfig, dict]:
         for key, spec in notebook_parameters(nb).items():
             values.setdefault(key, ast.literal_eval(spec["default"]))
     values.update(load_profile(name)["parameters"])
-    fields = Experiment.__dataclass_fields__
-    exp = Experiment(**{k: v for k, v in values.items() if k in fields and k not in
-                        ("folds", "weights")}, folds=values.get("folds") or None,
-                     weights=values.get("weights") or None)
-    split = SplitConfig(test_fraction=values["test_fraction"], test_mode=values["test_mode"],
-                        k_folds=values["k_folds"], seed=values["split_seed"])
+    fields = set(Experiment.__dataclass_fields__) - {"folds", "repeats", "weights"}
+    exp = Experiment(**{k: v for k, v in values.items() if k in fields},
+                     folds=values.get("folds") or None, weights=values.get("weights") or None)
+    split = SplitConfig(design=values["design"], k_folds=values["k_folds"],
+                        repeats=values["repeats"], seed=values["split_seed"],
+                        test_fraction=values["test_fraction"],
+                        test_mode=values["test_mode"] or None)
     return exp, split, values
 
 
-def split_slices(split: SplitConfig, ratios: list, slice_table: Path | None,
-                 per_subject: float) -> dict[tuple[int, float | None], dict[str, float]]:
-    """Slices in train/val/test per (fold, ratio) from kdlib's splits on the BraTS2020 subjects
-    (or those of a real slice table)."""
+def split_slices(split: SplitConfig, configs: list, slice_table: Path | None,
+                 per_subject: float) -> dict[tuple, dict[str, float]]:
+    """Slices in train/val/test per (repeat, fold, ratio, seed) of the configs, from kdlib's splits
+    on the BraTS2020 subjects (or those of a real slice table)."""
     if slice_table is not None:
         table = pd.read_csv(slice_table, dtype={"subject_id": str})
         counts = table.groupby("subject_id").size()
@@ -109,18 +112,28 @@ def split_slices(split: SplitConfig, ratios: list, slice_table: Path | None,
         counts = pd.Series(per_subject, index=subjects["subject_id"])
     splits = make_splits(subjects, split)
     out = {}
-    for fold in sorted(f for f in splits["fold"].unique() if f >= 0):
-        for ratio in ratios:
-            sets = fold_subjects(splits, int(fold), ratio=ratio, seed=0)
-            out[(int(fold), ratio)] = {k: float(counts[v].sum()) for k, v in sets.items()}
+    for key in sorted({slice_key(c) for c in configs}, key=str):
+        repeat, fold, ratio, seed = key
+        sets = fold_subjects(splits, fold, ratio=ratio, seed=seed, repeat=repeat)
+        out[key] = {k: float(counts[v].sum()) for k, v in sets.items()}
     return out
 
 
+def slice_key(cfg) -> tuple:
+    """What decides a run's subjects: (repeat, fold, ratio, seed)."""
+    return cfg.repeat, cfg.fold, cfg.ratio, cfg.seed
+
+
 def profile_runs(name: str) -> tuple[list, dict, dict]:
-    """(configs of the profile's experiment, {run id: model}, the profile's values)."""
+    """(configs of the profile's experiment, {run id: model}, the profile's values), with the
+    repeats and folds its splits give (as workbook.split_folds reads them from the splits file)."""
     exp, split, values = profile_experiment(name)
-    folds = list(exp.folds or range(split.k_folds))
-    configs = exp.configs("cache.h5", "splits.csv", folds)
+    grades = ["HGG"] * BRATS_SUBJECTS["HGG"] + ["LGG"] * BRATS_SUBJECTS["LGG"]
+    subjects = pd.DataFrame({"subject_id": [f"S{i:03d}" for i in range(len(grades))],
+                             "grade": grades})
+    pairs = split_pairs(make_splits(subjects, split))
+    configs = exp.configs("cache.h5", "splits.csv", folds=sorted({f for _, f in pairs}),
+                          repeats=sorted({r for r, _ in pairs}))
     return configs, {run_id(c): c.model for c in configs}, {**values, "split": split}
 
 
@@ -179,9 +192,9 @@ def measure_pair(model: str, teacher: str | None, size: int, batch: int, device:
     amp = autocast_dtype(device)
     net, t_net, crit, opt, sched, x, y = _step_setup(model, teacher, size, batch, device)
     step_net = torch.compile(net) if compile_model else net
-    kw = dict(epoch=1, teacher=t_net, augment=AugmentConfig(), amp=amp,
-              generator=torch.Generator().manual_seed(1), channels_last=device.type == "cuda",
-              scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16))
+    kw = {"epoch": 1, "teacher": t_net, "augment": AugmentConfig(), "amp": amp,
+          "generator": torch.Generator().manual_seed(1), "channels_last": device.type == "cuda",
+          "scaler": torch.amp.GradScaler(device.type, enabled=amp == torch.float16)}
     out: dict = {}
     for det in modes:
         with determinism(det, device):
@@ -259,8 +272,9 @@ def worker(args: list[str]) -> None:
     net, t_net, crit, opt, sched, x, y = _step_setup(model, teacher, size, batch, dev)
     amp = autocast_dtype(dev, "auto")
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
-    kw = dict(epoch=1, teacher=t_net, augment=AugmentConfig(), amp=amp, scaler=scaler,
-              generator=torch.Generator().manual_seed(1), channels_last=dev.type == "cuda")
+    kw = {"epoch": 1, "teacher": t_net, "augment": AugmentConfig(), "amp": amp,
+          "scaler": scaler, "generator": torch.Generator().manual_seed(1),
+          "channels_last": dev.type == "cuda"}
     batches = torch.arange(4 * batch, device=dev).view(4, batch)
     with determinism(True, dev):
         for i in range(warmup):
@@ -291,7 +305,7 @@ def project_hours(configs: list, models: dict, slices: dict, rates: dict, costs:
     for cfg in configs:
         pair = pair_of(cfg, models)
         ips, c = rates[pair][deterministic]["train_ips"], costs[cfg.model]
-        s = slices[(cfg.fold, cfg.ratio)]
+        s = slices[slice_key(cfg)]
         run = cfg.epochs * (s["train"] / ips + s["val"] / c["eval_ips"] + c["checkpoint_s"])
         run += s["test"] / c["eval_ips"] + overhead["startup_s"] \
             + sum(s.values()) / overhead["load_slices_per_s"]
@@ -382,14 +396,14 @@ def report(args: argparse.Namespace) -> dict:
     projections = []
     for prof, (configs, models, values) in runs.items():
         ratios = sorted({c.ratio for c in configs}, key=lambda r: (r is not None, r or 0))
-        slices = split_slices(values["split"], ratios, args.slice_table, args.slices_per_subject)
+        slices = split_slices(values["split"], configs, args.slice_table, args.slices_per_subject)
         for ratio in ratios:
-            part = [v for (f, r), v in slices.items() if r == ratio]
+            part = [v for (_, _, r, _), v in slices.items() if r == ratio]
             train = [v["train"] for v in part]
             print(f"{prof}: ratio {'natural' if ratio is None else ratio}: training slices "
-                  f"{np.mean(train):,.0f} (folds {min(train):,.0f}-{max(train):,.0f}), "
+                  f"{np.mean(train):,.0f} (splits {min(train):,.0f}-{max(train):,.0f}), "
                   f"validation {np.mean([v['val'] for v in part]):,.0f}, test "
-                  f"{part[0]['test']:,.0f}")
+                  f"{np.mean([v['test'] for v in part]):,.0f}")
         hours = {det: project_hours(configs, models, slices, rates, costs, overhead, det)
                  for det in (True, False)}
         shared = project_hours(configs, models, slices, rates, costs, overhead, True, gain)

@@ -35,8 +35,11 @@ from kdlib.data.phantom_files import make_phantom
 from kdlib.data.splits import SplitConfig, make_splits, save_splits, subject_table
 from kdlib.device import default_runs_per_device, grid_devices, resolve_device, run_footprint
 from kdlib.grid import expand_grid, run_grid
-from kdlib.runs import load_history, run_id, write_yaml
-from kdlib.train import fit, load_train_config
+from kdlib.identity import run_id
+from kdlib.results import load_history
+from kdlib.runs import write_yaml
+from kdlib.train import fit
+from kdlib.train_config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("bench_cuda", ROOT / "benchmarks" / "bench_cuda.py")
@@ -172,8 +175,8 @@ def main() -> None:
     print("\n== 4. kill in the second epoch and resume", flush=True)
     cfg = load_train_config(configs[0])
     write_yaml(args.out / "run.yaml", cfg.to_dict())
-    killed = subprocess.run([sys.executable, "-c", KILL_IN_SECOND_EPOCH, str(args.out / "run.yaml"),
-                             str(args.out / "resume")])
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_SECOND_EPOCH,
+                             str(args.out / "run.yaml"), str(args.out / "resume")], check=False)
     partial = (args.out / "resume" / f".tmp-{run_id(cfg)}" / "checkpoint.pt").is_file()
     resumed = fit(cfg, args.out / "resume", progress=False)
     kill_ok = killed.returncode == -9 and partial and same_run(args.out / "a" / resumed.name,
@@ -202,12 +205,12 @@ def summary(bench: dict, device: torch.device, s: dict, n_default: int, footprin
     ok = {True: "yes", False: "**NO**"}
     head = f"{bench['device_name']}" + (" (DRY RUN on the CPU: figures mean nothing)" if dry
                                         else "")
-    out = [f"### GPU check: {head}, {when}", "",
-           f"torch {bench['torch']}, CUDA {torch.version.cuda}, {bench['size']} px, batch "
-           f"{bench['batch']}, 4 channels; `bash benchmarks/gpu_check.sh` took {total / 60:.1f} "
-           "min.", "",
-           "| model | teacher | img/s deterministic | img/s not | eval img/s | peak GiB | "
-           "estimated GiB |", "|---|---|---|---|---|---|---|"]
+    settings = (f"torch {bench['torch']}, CUDA {torch.version.cuda}, {bench['size']} px, batch "
+                f"{bench['batch']}, 4 channels; `bash benchmarks/gpu_check.sh` took "
+                f"{total / 60:.1f} min.")
+    columns = ("| model | teacher | img/s deterministic | img/s not | eval img/s | peak GiB | "
+               "estimated GiB |")
+    out = [f"### GPU check: {head}, {when}", "", settings, "", columns, "|---" * 7 + "|"]
     for r in bench["rows"]:
         if r["teacher"] == "compile":
             continue
@@ -226,13 +229,14 @@ def summary(bench: dict, device: torch.device, s: dict, n_default: int, footprin
     ips = bench["concurrency"]["ips"]
     first = next(iter(ips.values()))
     gains = ", ".join(f"{k}: {v:,.0f} img/s ({v / first:.2f}x)" for k, v in ips.items())
-    out += [f"- Several runs per GPU ({bench['concurrency']['model']}, processes): {gains}. "
-            f"Default runs per GPU for the real-data profile: {n_default} (estimated "
-            f"{footprint:.1f} GiB per run).",
-            f"- Small grid ({n_runs} runs, {s['student']} <- {s['teacher']}, {s['epochs']} "
+    several = (f"- Several runs per GPU ({bench['concurrency']['model']}, processes): {gains}. "
+               f"Default runs per GPU for the real-data profile: {n_default} (estimated "
+               f"{footprint:.1f} GiB per run).")
+    grid = (f"- Small grid ({n_runs} runs, {s['student']} <- {s['teacher']}, {s['epochs']} "
             f"epochs) twice in deterministic mode: identical {ok[twice]}; with {n_many} runs at "
             f"once: identical {ok[together]}, {timings['c']:.0f} s against {timings['a']:.0f} s "
-            "one at a time.",
+            "one at a time.")
+    out += [several, grid,
             f"- Killed in epoch 2 and resumed: identical to the straight run {ok[kill_ok]}."]
     return out
 

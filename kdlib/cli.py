@@ -6,13 +6,20 @@ import argparse
 import sys
 from pathlib import Path
 
+from kdlib import workbook
+from kdlib.data.cache import cache_summary, load_slice_table
+from kdlib.data.phantom import PhantomConfig
+from kdlib.data.phantom_files import make_phantom
+from kdlib.data.splits import load_splits, split_table
 from kdlib.errors import KdlibError
+from kdlib.grid import load_grid, run_grid
+from kdlib.paths import profile_paths
+from kdlib.pipeline import parse_overrides, run_profile, strip_outputs
+from kdlib.train import fit
+from kdlib.train_config import load_train_config
 
 
 def _phantom(args: argparse.Namespace) -> None:
-    from kdlib.data.phantom import PhantomConfig
-    from kdlib.data.phantom_files import make_phantom
-
     cfg = PhantomConfig(n_hgg=args.hgg, n_lgg=args.lgg, shape=tuple(args.shape),
                         difficulty=args.difficulty, seed=args.seed, compress=args.compress,
                         write_h5=args.h5, workers=args.workers)
@@ -20,55 +27,43 @@ def _phantom(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from kdlib import workbook
-    from kdlib.data.cache import cache_summary, load_slice_table
-    from kdlib.data.splits import load_splits, split_table
-
     phantom = {"n_hgg": args.hgg, "n_lgg": args.lgg, "shape": tuple(args.shape),
                    "difficulty": args.difficulty, "seed": args.seed, "workers": args.workers}
     ds = workbook.get_dataset(args.profile, args.source, args.data_root, phantom, args.volume_map)
     print(f"dataset: {ds['dataset']['root']} ({ds['dataset']['fmt']})")
     cache = workbook.build_cache(args.profile, {"image_size": args.image_size, "workers": args.workers})
-    splits = workbook.build_splits(args.profile, {"k_folds": args.folds, "seed": args.seed,
-                                                      "test_fraction": args.test_fraction})
+    splits = workbook.build_splits(args.profile, {"design": args.design, "k_folds": args.folds,
+                                                  "repeats": args.repeats, "seed": args.seed,
+                                                  "test_fraction": args.test_fraction})
     table = load_slice_table(cache)
     print(f"cache:  {cache}\nsplits: {splits}\n")
     print("Subjects per grade and slices per class:")
     print(cache_summary(table).to_string())
-    print("\nSlices per class per split (fold k = validation fold k; test = held-out subjects):")
+    print("\nSlices per class per split of repeat 0 (cv: fold k = test set of the runs of fold k; "
+          "holdout: validation fold k, test = held-out subjects):")
     print(split_table(load_splits(splits), table).to_string())
 
 
 def _runs_dir(args: argparse.Namespace) -> Path:
-    from kdlib.paths import profile_paths
-
     return args.runs_dir or profile_paths("cli").runs
 
 
 def _train(args: argparse.Namespace) -> None:
-    from kdlib.train import fit, load_train_config
-
     print(fit(load_train_config(args.config), _runs_dir(args)))
 
 
 def _grid(args: argparse.Namespace) -> None:
-    from kdlib.grid import load_grid, run_grid
-
     for path in run_grid(load_grid(args.config), _runs_dir(args), devices=args.devices):
         print(path)
 
 
 def _run(args: argparse.Namespace) -> None:
-    from kdlib.pipeline import parse_overrides, run_profile
-
     done = run_profile(args.profile, only=args.only, overrides=parse_overrides(args.param),
                        log_output=not args.quiet)
     print("\nexecuted notebooks:\n" + "\n".join(f"  {p}" for p in done))
 
 
 def _strip(args: argparse.Namespace) -> None:
-    from kdlib.pipeline import strip_outputs
-
     for path in args.notebooks:
         print(f"{'stripped' if strip_outputs(path) else 'clean   '} {path}")
 
@@ -106,8 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--volume-map", default="", help="H5 only: CSV volume,subject_id")
     phantom_args(q, 48, 48, [96, 96, 64])
     q.add_argument("--image-size", type=int, default=64, help="slice size in the cache")
-    q.add_argument("--folds", type=int, default=3, help="cross-validation folds")
-    q.add_argument("--test-fraction", type=float, default=0.2, help="held-out test subjects")
+    q.add_argument("--design", default="cv", choices=["cv", "holdout"],
+                   help="repeated cross-validation, or a fixed held-out test set")
+    q.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+    q.add_argument("--repeats", type=int, default=1, help="re-drawn partitions into folds")
+    q.add_argument("--test-fraction", type=float, default=None,
+                   help="holdout only: held-out test subjects (default 0.2)")
     q.set_defaults(func=_prepare)
 
     q = sub.add_parser("train", help="train one run from a YAML TrainConfig",

@@ -20,9 +20,9 @@ import h5py
 import torch
 
 from kdlib.errors import ConfigError, RunError
+from kdlib.identity import run_id
 from kdlib.models import count_parameters, create_model
 from kdlib.paths import resolve
-from kdlib.runs import run_id
 from kdlib.train_config import PRECISIONS
 
 CUBLAS_WORKSPACE = ":4096:8"

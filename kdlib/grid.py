@@ -13,15 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 from tqdm.auto import tqdm
 
 from kdlib.config import read_yaml, to_dict
 from kdlib.errors import ConfigError, KdlibError, RunError
-from kdlib.runs import canonical, is_finished, run_id
-from kdlib.train import TrainConfig, fit, load_train_config
+from kdlib.identity import canonical, run_id
+from kdlib.runs import is_finished
+from kdlib.train import fit
+from kdlib.train_config import TrainConfig, load_train_config
 
 GRID_KEYS = ("base", "grid", "teachers", "students", "match")
-DEFAULT_MATCH = ("cache", "splits", "fold", "ratio", "seed", "modalities")
+DEFAULT_MATCH = ("cache", "splits", "repeat", "fold", "ratio", "seed", "modalities")
 
 
 def _is_sweep(key: str, value: Any) -> bool:
@@ -53,9 +56,9 @@ def expand_grid(spec: Mapping[str, Any]) -> list[TrainConfig]:
     spec keys: `base` (settings for every run), `grid` (settings crossed with every entry, e.g.
     fold: [0, 1, 2], seed: [0], ratio: [1, 4, 8]), `teachers` and `students` (a mapping or a list of
     mappings; list values are crossed; `modalities` is swept only as a list of lists), `match`
-    (settings a teacher must share with its student; default cache, splits, fold, ratio, seed,
-    modalities). A student with a distiller gets one run per teacher run that matches it and its
-    optional `teacher` selector (a mapping of settings, lists = any of; or a run id / folder).
+    (settings a teacher must share with its student; default cache, splits, repeat, fold, ratio,
+    seed, modalities). A student with a distiller gets one run per teacher run that matches it and
+    its optional `teacher` selector (a mapping of settings, lists = any of; or a run id / folder).
     A student with distiller null is a baseline (selector ignored), so `distiller: [null, kd, dkd]`
     gives the baseline and the distilled runs in one entry. Example:
 
@@ -240,8 +243,6 @@ class _Pool:
     """One worker process per device; a CUDA device is the only one its process sees."""
 
     def __init__(self, devices: list[str], runs_dir: Path) -> None:
-        import torch.multiprocessing as mp
-
         ctx = mp.get_context("spawn")
         self.tasks, self.results, self.procs = ctx.Queue(), ctx.Queue(), []
         threads = max(1, (os.cpu_count() or 1) // len(devices))

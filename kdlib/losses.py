@@ -1,4 +1,4 @@
-"""Imbalance-aware task losses and distillation losses, as defined in shared/KD_METHODS.md.
+"""Imbalance-aware task losses and distillation losses, each citing the paper that defines it.
 
 Conventions: logits (B, C) are cast to float32; target (B,) holds class indices;
 class_counts holds n_c, the training count of class c. Every loss is a batch mean: a weighted
@@ -295,7 +295,7 @@ def bkd(
     beta: float = 0.9999,
 ) -> dict[str, Tensor]:
     """Balanced KD: task + alpha T^2 KL(p~_t || p_s^T), p~_t the class-balanced re-weighted,
-    renormalised teacher probabilities (Zhang et al. 2021; definition of KD_METHODS.md)."""
+    renormalised teacher probabilities (Zhang et al. 2021)."""
     log_t = balanced_teacher_log_probs(logits_t, class_counts, T, beta)
     log_s = F.log_softmax(logits_s.float() / T, dim=1)
     terms = {"task": task, "kd": alpha * T**2 * _kl_log(log_t, log_s).mean()}

@@ -350,7 +350,7 @@ def compare_to_baseline(runs: pd.DataFrame, baseline, metric: str,
     `baseline` is a value of by[0] (e.g. "ce"), a {column: value} dict or a boolean mask.
     Every group and the baseline must have at most one run per `pair_on` key (DataError otherwise).
     `test_train_ratio` = n_test / n_train; when None it is, per group, the mean ratio of the
-    columns n_test_slices / n_train_slices (as kdlib.runs.load_runs gives them) or n_test / n_train
+    columns n_test_slices / n_train_slices (as kdlib.results.load_runs gives them) or n_test / n_train
     over the group's and the baseline's runs of its pairs (groups such as imbalance ratios train
     on different numbers of slices). Columns of the result: by..., metric, n_pairs,
     test_train_ratio, baseline_mean, method_mean, mean_diff, std_diff, ci_low, ci_high, t,

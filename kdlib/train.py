@@ -9,23 +9,21 @@ are written.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from kdlib import CLASSES, MINORITY
-from kdlib import runs as _runs
+from kdlib.criterion import build_criterion, logit_scale
 from kdlib.data import loader
+from kdlib.data.folds import fold_data
 from kdlib.device import (  # resolve_device is also re-exported
     autocast_dtype,
     check_resume_numerics,
@@ -36,33 +34,21 @@ from kdlib.device import (  # resolve_device is also re-exported
     resolve_device,
 )
 from kdlib.errors import DataError, RunError
-from kdlib.train_config import (  # also re-exported: kdlib.train is the entry point
-    SELECT_METRICS,
-    AugmentConfig,
-    TrainConfig,
-    load_train_config,
+from kdlib.identity import config_identity, run_id
+from kdlib.metrics import run_metrics
+from kdlib.models import count_parameters
+from kdlib.predictions import predictions_frame, validation_scores
+from kdlib.runs import (
+    check_resume,
+    data_fingerprint,
+    execution_identity,
+    finish_run,
+    is_finished,
+    save_atomic,
+    write_yaml,
 )
-
-
-class FrozenTeacher(nn.Module):
-    """A teacher that stays in eval mode by construction: no gradients, `.train()` is a no-op.
-
-    Returns logits: the model's outputs times `scale` (s for a cosine-head ldam_drw teacher,
-    else 1).
-    """
-
-    def __init__(self, model: nn.Module, scale: float = 1.0) -> None:
-        super().__init__()
-        self.model = model.requires_grad_(False)
-        self.scale = scale
-        super().train(False)
-
-    def train(self, mode: bool = True) -> FrozenTeacher:
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x) * self.scale
+from kdlib.teachers import FrozenTeacher, build_model, load_teacher
+from kdlib.train_config import AugmentConfig, TrainConfig, load_train_config
 
 
 def _autocast(device: torch.device, amp: torch.dtype | bool | None):
@@ -191,137 +177,6 @@ def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def class_probabilities(logits: torch.Tensor, counts: list[int], tau: float | None) -> torch.Tensor:
-    """Softmax of the logits, after post-hoc adjustment z - tau log(pi) when tau is set."""
-    if tau is not None:
-        from kdlib.losses import posthoc_adjust
-
-        logits = posthoc_adjust(logits, counts, tau)
-    return torch.softmax(logits.float(), dim=1)
-
-
-def predictions_frame(table: pd.DataFrame, logits: torch.Tensor, counts: list[int],
-                      tau: float | None) -> pd.DataFrame:
-    """The predictions table: subject_id, slice, label, p_<class> (after any post-hoc adjustment)
-    and z_<class> (the logits)."""
-    z = logits.detach().float().cpu()
-    p = class_probabilities(z, counts, tau).numpy().astype(np.float64)
-    out = table[["subject_id", "slice", "label"]].reset_index(drop=True).copy()
-    for i, c in enumerate(CLASSES):
-        out[f"p_{c}"] = p[:, i]
-    for i, c in enumerate(CLASSES):
-        out[f"z_{c}"] = z[:, i].numpy().astype(np.float64)
-    return out
-
-
-def validation_scores(logits: torch.Tensor, y: torch.Tensor, counts: list[int],
-                      tau: float | None) -> dict[str, float]:
-    """Validation loss (plain CE of the raw logits) and slice metrics for history and selection."""
-    from kdlib.metrics import slice_scores
-
-    loss = F.cross_entropy(logits.float(), y).item() if len(y) else float("nan")
-    p = class_probabilities(logits.cpu(), counts, tau).numpy()
-    s = slice_scores(y.cpu().numpy(), p, ranking=False)
-    return {"loss": loss, **{k: s[k] for k in SELECT_METRICS if k != "loss"}}
-
-
-def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The student (or teacher) network of a config, with a cosine head when its loss needs one."""
-    from kdlib.criterion import needs_cosine_head
-    from kdlib.models import create_model, set_cosine_head
-
-    model = create_model(cfg.model, num_classes=len(CLASSES), in_channels=len(cfg.modalities),
-                         weights=cfg.weights)
-    if needs_cosine_head(cfg.task_loss):
-        model = set_cosine_head(model)
-    return model.to(device)
-
-
-def load_teacher(cfg: TrainConfig, runs_dir: Path,
-                 device: torch.device) -> tuple[FrozenTeacher, Path]:
-    """Load the frozen teacher of `cfg` from its run folder; RunError when missing or mismatched
-    (another cache or splits file, modalities, classes, or training subjects that are the student's
-    validation or test subjects: see `check_teacher_subjects`)."""
-    from kdlib.criterion import logit_scale
-
-    folder = _runs.teacher_dir(cfg.teacher, runs_dir)
-    tcfg = load_train_config(folder / "config.yaml")
-    check_teacher_subjects(cfg, tcfg, folder.name)
-    if len(tcfg.modalities) != len(cfg.modalities) or tcfg.modalities != cfg.modalities:
-        raise RunError(f"teacher {folder} was trained on {len(tcfg.modalities)} channel(s) "
-                       f"{list(tcfg.modalities)}, the student uses {len(cfg.modalities)} "
-                       f"{list(cfg.modalities)}; train a teacher with the student's modalities")
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    heads = [v for v in state.values() if v.ndim == 2]
-    if heads and heads[-1].shape[0] != len(CLASSES):
-        raise RunError(f"teacher {folder} predicts {heads[-1].shape[0]} classes, the student "
-                       f"{len(CLASSES)} {list(CLASSES)}; use a teacher trained for these classes")
-    model = build_model(dataclasses.replace(tcfg, weights=None), torch.device("cpu"))  # no download
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise RunError(f"teacher {folder}/model.pt does not fit model {tcfg.model!r}: "
-                       f"{str(err).splitlines()[0]}") from None
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return FrozenTeacher(model, logit_scale(tcfg.task_loss, tcfg.loss_params)), folder
-
-
-def check_teacher_subjects(cfg: TrainConfig, tcfg: TrainConfig, teacher: str) -> None:
-    """RunError unless the teacher (config `tcfg`, run `teacher`) used the student's cache and
-    splits file and none of its training subjects is a validation or test subject of the student
-    (a teacher of the same fold at another ratio is fine; one of another fold is not)."""
-    from kdlib.data.splits import check_no_leakage, fold_subjects, load_splits
-    from kdlib.paths import resolve
-
-    for name in ("cache", "splits"):
-        mine, theirs = resolve(getattr(cfg, name)).resolve(), resolve(getattr(tcfg, name)).resolve()
-        if mine != theirs:
-            raise RunError(f"teacher {teacher} was trained with {name} {theirs}, the student uses "
-                           f"{name} {mine}; train the teacher on the student's data")
-    splits_path = resolve(cfg.splits)
-    if not splits_path.is_file():
-        return  # _split_data says so, naming the setting
-    splits = load_splits(splits_path)
-    student = fold_subjects(splits, cfg.fold, ratio=cfg.ratio, seed=cfg.seed)
-    sets = {f"teacher {teacher} train": fold_subjects(splits, tcfg.fold, tcfg.ratio,
-                                                      tcfg.seed)["train"],
-            "student val": student["val"], "student test": student["test"]}
-    try:
-        check_no_leakage(sets, fix=f"use a teacher of fold {cfg.fold}")
-    except DataError as err:
-        raise RunError(f"teacher {teacher} (fold {tcfg.fold}) trained on subjects the student "
-                       f"(fold {cfg.fold}) validates or tests on: {err}") from None
-
-
-def _split_data(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
-    """Tables and tensors of the train/val/test slices of the config's fold and ratio."""
-    from kdlib.data.cache import load_slice_table
-    from kdlib.data.splits import fold_subjects, load_splits
-    from kdlib.paths import resolve
-
-    cache, splits_path = resolve(cfg.cache), resolve(cfg.splits)
-    if not cache.is_file():
-        raise DataError(f"cache={cfg.cache!r}: {cache} does not exist; prepare the slice cache "
-                        "first (kdlib.data.cache.prepare_cache) or fix the path")
-    if not splits_path.is_file():
-        raise DataError(f"splits={cfg.splits!r}: {splits_path} does not exist; write the splits "
-                        "first (kdlib.data.splits.save_splits) or fix the path")
-    table = load_slice_table(cache)
-    splits = load_splits(splits_path)
-    sets = fold_subjects(splits, cfg.fold, ratio=cfg.ratio, seed=cfg.seed)
-    missing = sorted(set(splits["subject_id"]) - set(table["subject_id"]))
-    if missing:
-        raise DataError(f"{len(missing)} subject(s) of {splits_path} (e.g. {missing[0]}) have no "
-                        f"slice in {cache}; the splits were made for another dataset")
-    data: dict[str, Any] = {"cache": cache, "splits": splits_path}
-    for part, subjects in sets.items():
-        t = table[table["subject_id"].isin(set(subjects))].reset_index(drop=True)
-        data[part] = (t, *loader.load_tensors(cache, t, cfg.modalities, device))
-    return data
-
-
 def _rng_states(gens: dict[str, torch.Generator], device: torch.device) -> dict[str, Any]:
     out = {f"gen_{k}": g.get_state() for k, g in gens.items()}
     out["torch_cpu"] = torch.get_rng_state()
@@ -355,9 +210,9 @@ def fit(cfg: TrainConfig | Mapping[str, Any] | str | Path, runs_dir: str | Path,
     """
     cfg = load_train_config(cfg)
     runs_dir = Path(runs_dir)
-    rid = _runs.run_id(cfg)
+    rid = run_id(cfg)
     final, tmp = runs_dir / rid, runs_dir / f".tmp-{rid}"
-    if _runs.is_finished(final):
+    if is_finished(final):
         return final
     device = resolve_device(cfg.device)
     with determinism(cfg.deterministic, device):  # restores the process's switches afterwards
@@ -375,8 +230,6 @@ def fit(cfg: TrainConfig | Mapping[str, Any] | str | Path, runs_dir: str | Path,
 
 def _fit(cfg: TrainConfig, runs_dir: Path, rid: str, tmp: Path, final: Path,
          device: torch.device, progress: bool) -> Path:
-    from kdlib.criterion import build_criterion, logit_scale
-
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)  # the student's init first: a baseline and its students share it
     model = build_model(cfg, device)
@@ -385,7 +238,7 @@ def _fit(cfg: TrainConfig, runs_dir: Path, rid: str, tmp: Path, final: Path,
     gens = {"order": torch.Generator().manual_seed(cfg.seed),
             "augment": torch.Generator().manual_seed(cfg.seed + 1)}
     teacher, teacher_path = load_teacher(cfg, runs_dir, device) if cfg.teacher else (None, None)
-    data = _split_data(cfg, device)
+    data = fold_data(cfg, device)
     (_, x_train, y_train), (_, x_val, y_val) = data["train"], data["val"]
     counts = loader.class_counts(y_train)
     if min(counts) == 0:
@@ -410,16 +263,16 @@ def _fit(cfg: TrainConfig, runs_dir: Path, rid: str, tmp: Path, final: Path,
     teacher_logits = None
     if teacher is not None and cfg.cache_teacher_logits:
         teacher_logits = evaluate(teacher, x_train, *ev)
-    identity = {"config": _runs.config_identity(cfg),
-                "data": _runs.data_fingerprint(data["cache"], data["splits"]),
-                "execution": _runs.execution_identity(device),
+    identity = {"config": config_identity(cfg),
+                "data": data_fingerprint(data["cache"], data["splits"]),
+                "execution": execution_identity(device),
                 "numerics": numerics_identity(device, amp, cfg.deterministic, cfg.compile)}
     state = {"epoch": 0, "best_epoch": 0, "best_score": None, "bad_epochs": 0, "stopped": False,
              "history": [], "best_model": None}
     ckpt_path = tmp / "checkpoint.pt"
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # RNG states: CPU
-        _runs.check_resume(identity, ckpt["identity"], tmp)
+        check_resume(identity, ckpt["identity"], tmp)
         check_resume_numerics(identity["numerics"], ckpt["identity"].get("numerics"), tmp)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -430,7 +283,7 @@ def _fit(cfg: TrainConfig, runs_dir: Path, rid: str, tmp: Path, final: Path,
         state = ckpt["state"]
     else:
         tmp.mkdir(parents=True, exist_ok=True)
-        _runs.write_yaml(tmp / "config.yaml", cfg.to_dict())
+        write_yaml(tmp / "config.yaml", cfg.to_dict())
     todo = [] if state["stopped"] else range(state["epoch"] + 1, cfg.epochs + 1)
     bar = tqdm(todo, desc=rid, disable=not progress, initial=state["epoch"], total=cfg.epochs)
     for epoch in bar:
@@ -460,7 +313,7 @@ def _fit(cfg: TrainConfig, runs_dir: Path, rid: str, tmp: Path, final: Path,
             state["bad_epochs"] += 1
         bar.set_postfix(val_macro_f1=f"{val['macro_f1']:.3f}", best=state["best_epoch"])
         state["stopped"] = cfg.patience is not None and state["bad_epochs"] >= cfg.patience
-        _runs.save_atomic(ckpt_path, {
+        save_atomic(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state,
             "identity": identity, "rng": _rng_states(gens, device)})
@@ -479,10 +332,9 @@ def _finish(cfg: TrainConfig, data: dict[str, Any], state: dict[str, Any], pred:
             counts: list[int], model: nn.Module, teacher: FrozenTeacher | None,
             teacher_path: Path | None, tmp: Path, final: Path, device: torch.device,
             numerics: dict[str, Any]) -> Path:
-    """metrics.json extras (sizes for the corrected t-test, parameters, best epoch) + the files;
-    env.json also records the numerics (GPU model, precision, deterministic, compile)."""
-    from kdlib.models import count_parameters
-
+    """metrics.json (the test metrics, sizes for the corrected t-test, parameters, best epoch) and
+    the other files of the finished run; env.json also records the numerics (GPU model,
+    precision, deterministic, compile)."""
     extras = {
         "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
         "params": count_parameters(model),
@@ -497,6 +349,6 @@ def _finish(cfg: TrainConfig, data: dict[str, Any], state: dict[str, Any], pred:
     extras["train_ratio"] = float(n_grade.get("HGG", 0) / max(n_grade.get(MINORITY, 0), 1))
     history = pd.DataFrame(state["history"])
     best_model = {k: v.detach().cpu() for k, v in state["best_model"].items()}
-    return _runs.finish_run(tmp, final, pred, extras, history, best_model,
+    return finish_run(tmp, final, pred, {**run_metrics(pred), **extras}, history, best_model,
                             {"device": str(device), "teacher_path": str(teacher_path or ""),
                              "train_time_s": float(history["time_s"].sum()), **numerics})

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdlib import CLASSES, MODALITIES
+from kdlib import CLASSES, MODALITIES, criterion, models
 from kdlib.config import check_choice, check_range, from_dict, read_yaml, to_dict
 from kdlib.data.loader import SAMPLERS
 from kdlib.errors import ConfigError
@@ -56,12 +56,14 @@ class AugmentConfig:
 class TrainConfig:
     """Everything that defines one training run; its run id is a hash of these settings except
     the execution settings `device`, `deterministic`, `precision` and `compile`
-    (kdlib.runs.run_id).
+    (kdlib.identity.run_id).
 
     cache, splits: the slice cache .h5 and the splits CSV (relative paths are taken from the
         output root, kdlib.paths.resolve).
-    fold: the validation fold (the test set is fold -1 of the splits); ratio: the HGG:LGG subject
-        ratio the training set is subsampled to (>= 1; None = natural).
+    repeat, fold: the partition (repeat) and fold of the splits; fold is the test fold of a "cv"
+        split table (validation: the next fold) and the validation fold of a "holdout" one (test:
+        fold -1), see kdlib.data.splits.fold_subjects. ratio: the HGG:LGG subject ratio the
+        training set is subsampled to (>= 1; None = natural).
     modalities: input channels, in this order. model, weights (None | "imagenet"): kdlib.models.
     task_loss, loss_params: kdlib.criterion.LOSSES and their settings; distiller (None | kd | dkd |
         bkd), distill_params: kdlib.criterion.DISTILLERS and their settings.
@@ -87,6 +89,7 @@ class TrainConfig:
 
     cache: str
     splits: str
+    repeat: int = 0
     fold: int = 0
     ratio: float | None = None
     modalities: tuple[str, ...] = MODALITIES
@@ -120,7 +123,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), (str, Path)) or not str(getattr(self, name)):
                 raise ConfigError(f"{name} must be a file path, got {getattr(self, name)!r}")
             set_(name, Path(getattr(self, name)).as_posix())
-        for name in ("fold", "epochs", "batch_size", "warmup_epochs", "seed", "patience"):
+        for name in ("repeat", "fold", "epochs", "batch_size", "warmup_epochs", "seed", "patience"):
             set_(name, _number(name, getattr(self, name), int, optional=name == "patience"))
         for name in ("lr", "weight_decay", "ratio", "posthoc_tau"):
             optional = name in ("ratio", "posthoc_tau")
@@ -150,6 +153,7 @@ class TrainConfig:
         set_("augment", aug)
         for name in ("cache_teacher_logits", "deterministic", "compile"):
             check_choice(name, getattr(self, name), (True, False))
+        check_range("repeat", self.repeat, 0)
         check_range("fold", self.fold, 0)
         check_range("epochs", self.epochs, 1)
         check_range("batch_size", self.batch_size, 2)
@@ -170,8 +174,6 @@ class TrainConfig:
         self._check_methods()
 
     def _check_methods(self) -> None:
-        from kdlib import criterion, models
-
         models.check_model_name(self.model)
         check_choice("task_loss", self.task_loss, sorted(criterion.LOSSES))
         check_choice("distiller", self.distiller, [None, *sorted(criterion.DISTILLERS)])

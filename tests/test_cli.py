@@ -15,8 +15,9 @@ from kdlib import CLASSES
 from kdlib.cli import build_parser, main
 from kdlib.data.cache import cache_summary, load_slice_table
 from kdlib.data.splits import load_splits
-from kdlib.runs import load_runs, run_id
-from kdlib.train import TrainConfig
+from kdlib.identity import run_id
+from kdlib.results import load_runs
+from kdlib.train_config import TrainConfig
 from kdlib.workbook import read_manifest
 
 SUBCOMMANDS = ["phantom", "prepare", "train", "grid", "run", "strip"]
@@ -68,7 +69,8 @@ def test_kdlib_errors_print_one_line_and_return_2(argv, cmd, says, capsys, tmp_p
 def test_prepare_prints_the_class_summary(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KDLIB_HOME", str(tmp_path))
     argv = ["prepare", "--profile", "clitest", "--hgg", "4", "--lgg", "4", "--shape", "32", "32",
-            "24", "--image-size", "16", "--folds", "2", "--test-fraction", "0.25"]
+            "24", "--image-size", "16", "--design", "holdout", "--folds", "2", "--test-fraction",
+            "0.25"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     man = read_manifest("clitest")

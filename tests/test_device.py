@@ -157,9 +157,9 @@ def test_determinism_is_strict_and_restores_the_switches(monkeypatch):
         assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
     monkeypatch.setattr(D, "_CUDA_BEFORE_KDLIB", True)
-    with pytest.raises(RunError, match=r"CUDA was in use before kdlib.*CUBLAS_WORKSPACE_CONFIG"):
-        with D.determinism(True, torch.device("cuda")):
-            pass
+    with (pytest.raises(RunError, match=r"CUDA was in use before kdlib.*CUBLAS_WORKSPACE_CONFIG"),
+          D.determinism(True, torch.device("cuda"))):
+        pass
     with D.determinism(True, torch.device("cpu")), D.determinism(False, torch.device("cuda")):
         pass  # only deterministic CUDA needs the workspace
 

@@ -7,8 +7,10 @@ from helpers_train import tiny_config, tiny_train_data
 
 from kdlib.errors import ConfigError, RunError
 from kdlib.grid import expand_grid, grid_levels, load_grid, run_grid
-from kdlib.runs import load_history, load_predictions, load_runs, run_id
-from kdlib.train import TrainConfig, fit
+from kdlib.identity import run_id
+from kdlib.results import load_history, load_predictions, load_runs
+from kdlib.train import fit
+from kdlib.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,16 @@ def test_expand_grid_teachers_first_and_matched(data):
     dkd = [c for c in runs if c.distiller == "dkd"]
     assert len(dkd) == 4  # no selector: every matching teacher
     assert len(runs) == 4 + 2 + 2 + 4
+
+
+def test_expand_grid_matches_teachers_on_the_repeat(data):
+    runs = expand_grid(spec(data, grid={"repeat": [0, 1], "fold": [0, 1], "seed": [0]}))
+    by_id = {run_id(c): c for c in runs}
+    kd = [c for c in runs if c.distiller == "kd"]
+    assert sorted((c.repeat, c.fold) for c in kd) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for s in kd:
+        assert (by_id[s.teacher].repeat, by_id[s.teacher].fold) == (s.repeat, s.fold)
+    assert len(runs) == 2 * (4 + 2 + 2 + 4)
 
 
 def test_expand_grid_sweeps_and_errors(data, tmp_path):

@@ -1,4 +1,4 @@
-"""kdlib.data.loader: tensors from the cache, batched augmentation, epoch samplers."""
+"""kdlib.data.loader: tensors and masks from the cache, batched augmentation, epoch samplers."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from kdlib.data.loader import (
     epoch_indices,
     epoch_length,
     host_to_device,
+    load_masks,
     load_tensors,
 )
 from kdlib.errors import DataError
@@ -56,6 +57,20 @@ def test_load_tensors_errors(cache, tmp_path):
         load_tensors(cache, table.assign(row=table.row + 1000), ["flair"])
     with pytest.raises(DataError, match="labels"):
         load_tensors(cache, table.assign(label="tumour"), ["flair"])
+
+
+def test_load_masks_in_table_order_with_repeats(cache):
+    table = pd.read_csv(cache.with_suffix(".csv"))
+    pick = table.iloc[[7, 0, 12, 3, 12]]  # unsorted, with a duplicate
+    with h5py.File(cache, "r") as f:
+        want = np.stack([f["masks"][r] for r in pick["row"]])
+    masks = load_masks(cache, pick)
+    assert masks.dtype == np.uint8 and masks.shape == (5, 16, 16)
+    np.testing.assert_array_equal(masks, want)
+    assert masks[0].any() and masks[3].any() and not masks[1].any()  # tumour, healthy slices
+    assert load_masks(cache, table.iloc[:0]).shape == (0, 16, 16)
+    with pytest.raises(DataError, match="does not exist"):
+        load_masks(cache.with_name("none.h5"), pick)
 
 
 def _x(n=6, c=2, s=8):

@@ -1,4 +1,4 @@
-"""Losses of shared/KD_METHODS.md against hand-computed values (numpy/math) and their identities."""
+"""kdlib.losses as their papers define them, against hand-computed values (numpy/math) and identities."""
 
 from __future__ import annotations
 

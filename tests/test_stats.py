@@ -179,7 +179,7 @@ def test_compare_to_baseline_pairs_on_ratio_and_student():
     assert sorted(out["n_pairs"]) == [2, 2, 2] + [3] * 6
     with pytest.raises(DataError, match="share the same.*differ in \\['ratio'\\]"):
         compare_to_baseline(runs, "ce", "macro_f1", pair_on=("fold",))
-    # column names as kdlib.runs.load_runs writes them
+    # column names as kdlib.results.load_runs writes them
     named = runs.rename(columns={"n_test": "n_test_slices", "n_train": "n_train_slices"})
     named.loc[:, "n_test_slices"] = 500
     with pytest.warns(UserWarning):

@@ -15,13 +15,16 @@ from helpers_train import tiny_config, tiny_train_data
 import kdlib.criterion
 import kdlib.data.loader
 import kdlib.device
-import kdlib.runs
 import kdlib.train
 from kdlib import CLASSES
 from kdlib.errors import ConfigError, DataError, RunError
+from kdlib.identity import run_id
 from kdlib.models import create_model
-from kdlib.runs import RUN_FILES, load_history, load_predictions, run_id
-from kdlib.train import FrozenTeacher, TrainConfig, fit, load_train_config
+from kdlib.results import load_history, load_predictions
+from kdlib.runs import RUN_FILES
+from kdlib.teachers import FrozenTeacher, load_teacher
+from kdlib.train import fit
+from kdlib.train_config import AugmentConfig, TrainConfig, load_train_config
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +84,8 @@ def test_config_defaults_roundtrip_and_yaml(data, tmp_path):
     ({"cache_teacher_logits": True}, r"needs a distiller"),
     ({"select_metric": "auc"}, r"select_metric='auc'.*macro_f1"),
     ({"ratio": 0.5}, r"ratio=0.5"),
+    ({"repeat": -1}, r"repeat=-1"),
+    ({"repeat": 1.5}, r"repeat=1.5 must be a whole number"),
     ({"augment": "yes"}, r"augment='yes'.*true, false, null or a mapping"),
     ({"augment": 1}, r"augment=1 .*true, false, null or a mapping"),
     ({"augment": [1]}, r"augment=\[1\].*true, false, null or a mapping"),
@@ -88,14 +93,6 @@ def test_config_defaults_roundtrip_and_yaml(data, tmp_path):
 def test_config_errors_name_the_setting(data, over, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig.from_dict(tiny_config(*data, **over))
-
-
-def test_frozen_teacher_stays_in_eval_mode():
-    t = FrozenTeacher(create_model("cnn_xs", in_channels=2))
-    t.train()
-    assert not t.training and not t.model.training
-    assert not any(p.requires_grad for p in t.parameters())
-    assert not t(torch.randn(3, 2, 16, 16)).requires_grad
 
 
 # ---------------------------------------------------------------- end to end
@@ -219,13 +216,13 @@ def test_resume_refuses_changed_data_or_config(data, tmp_path, monkeypatch):
     with pytest.raises(RunError, match=r"cannot resume.*splits"):
         fit(cfg, tmp_path, progress=False)
     shutil.copy(splits, own)
-    monkeypatch.setattr(kdlib.runs, "run_id", lambda c: run_id(load_train_config(cfg)))
+    monkeypatch.setattr(kdlib.train, "run_id", lambda c: run_id(load_train_config(cfg)))
     with pytest.raises(RunError, match=r"cannot resume.*lr"):
         fit({**cfg, "lr": 0.1}, tmp_path, progress=False)
 
 
 def test_nan_loss_stops_naming_epoch_and_step_and_keeps_checkpoint(data, tmp_path, monkeypatch):
-    real = kdlib.criterion.build_criterion
+    real = kdlib.train.build_criterion
 
     def build(*args, **kw):
         crit, calls = real(*args, **kw), [0]
@@ -239,7 +236,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_checkpoint(data, tmp_pat
 
         return criterion
 
-    monkeypatch.setattr(kdlib.criterion, "build_criterion", build)
+    monkeypatch.setattr(kdlib.train, "build_criterion", build)
     cfg = tiny_config(*data, epochs=3)
     match = r"nan at epoch 2, step 2 of 2.*checkpoint \(epoch 1\) is kept"
     with pytest.raises(RunError, match=match):
@@ -255,6 +252,8 @@ def test_missing_files_and_bad_teachers(data, teacher, tmp_path):
         fit(tiny_config(tmp_path / "no.h5", splits), tmp_path, progress=False)
     with pytest.raises(DataError, match=r"splits=.*does not exist"):
         fit(tiny_config(cache, tmp_path / "no.csv"), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match=r"repeat=1 is not a repeat of these splits.*\[0\]"):
+        fit(tiny_config(cache, splits, repeat=1), tmp_path, progress=False)
     with pytest.raises(RunError, match=r"teacher 'cnn_l-ce-nope' not found.*train the teacher"):
         fit(tiny_config(cache, splits, distiller="kd", teacher="cnn_l-ce-nope"), tmp_path,
             progress=False)
@@ -279,7 +278,7 @@ def _edited_teacher(teacher, folder, **over):
 
 def test_teacher_must_share_data_and_not_see_the_students_val_or_test(data, teacher, tmp_path):
     cache, splits = data
-    load = lambda t: kdlib.train.load_teacher(
+    load = lambda t: load_teacher(
         load_train_config(tiny_config(cache, splits, distiller="kd", teacher=str(t))), tmp_path,
         torch.device("cpu"))
     other_fold = _edited_teacher(teacher, tmp_path / "fold1-teacher", fold=1)
@@ -292,6 +291,10 @@ def test_teacher_must_share_data_and_not_see_the_students_val_or_test(data, teac
     other_splits = _edited_teacher(teacher, tmp_path / "splits-teacher", splits=str(own))
     with pytest.raises(RunError, match=r"splits.*other-splits.csv.*student.*splits.csv"):
         load(other_splits)
+    other_repeat = _edited_teacher(teacher, tmp_path / "repeat-teacher", repeat=1)
+    with pytest.raises(RunError, match=r"teacher repeat-teacher is of repeat 1, the student of "
+                                       r"repeat 0; use a teacher of the student's repeat"):
+        load(other_repeat)
     other_ratio = _edited_teacher(teacher, tmp_path / "ratio-teacher", ratio=2)
     assert load(other_ratio)[1] == other_ratio  # same fold, another ratio: allowed
     assert not list(tmp_path.glob(".tmp-*"))
@@ -311,12 +314,6 @@ def test_resume_refuses_another_kind_of_device(data, tmp_path, monkeypatch):
     with pytest.raises(RunError, match=r"cannot resume.*started on cuda \(bf16 autocast\).*cpu.*"
                                        r"same kind of device.*delete"):
         fit(cfg, tmp_path, progress=False)
-
-
-def test_validation_scores_cover_the_select_metrics():
-    y = torch.tensor([0, 1, 2, 1])
-    scores = kdlib.train.validation_scores(torch.randn(4, 3), y, [2, 1, 1], None)
-    assert set(scores) == set(kdlib.train.SELECT_METRICS)
 
 
 # ---------------------------------------------------------------- GPU behaviour, CPU stand-ins
@@ -389,7 +386,10 @@ def _step_inputs(model="cnn_xs", channels=2, n=8, size=32, optimizer_device="cpu
 @pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
 def test_grad_scaler_skips_a_step_whose_gradients_overflow():
     net, opt, sched, x, y = _step_inputs()
-    overflow = lambda zs, yb, zt=None, epoch=0: {"loss": zs.sum() * float("inf")}  # noqa: E731
+
+    def overflow(zs, yb, zt=None, epoch=0):
+        return {"loss": zs.sum() * float("inf")}
+
     before = [p.detach().clone() for p in net.parameters()]
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     kdlib.train.train_step(net, overflow, opt, sched, x, y, torch.arange(4), epoch=1,
@@ -447,7 +447,7 @@ def _scan_step(model, task_loss, distiller, size=32):
     with _OpRecorder() as rec:
         kdlib.train.train_step(net, crit, opt, sched, x, y, torch.arange(8), epoch=1,
                                teacher=teacher if distiller else None,
-                               augment=kdlib.train.AugmentConfig(),
+                               augment=AugmentConfig(),
                                generator=torch.Generator().manual_seed(1))
     bad = rec.ops & (SYNC_OPS | CUDA_NONDETERMINISTIC_OPS | {"index with a boolean mask"})
     assert not bad, f"{model}, {task_loss}, {distiller}: {sorted(bad)}"

@@ -76,6 +76,20 @@ def load_tensors(
     return x, torch.tensor(labels, device=device)
 
 
+def load_masks(cache_h5: str | Path, table: pd.DataFrame) -> np.ndarray:
+    """The segmentation masks (N, S, S) uint8 of the slices `table.row` of a cache, in table order
+    (for plots; training reads only the images, load_tensors)."""
+    path = Path(cache_h5)
+    if not path.is_file():
+        raise DataError(f"slice cache {path} does not exist; build it with "
+                        "kdlib.data.cache.prepare_cache")
+    rows = table["row"].to_numpy(dtype=np.int64)
+    unique_rows, inverse = np.unique(rows, return_inverse=True)  # HDF5 reads increasing rows
+    with h5py.File(path, "r") as f:
+        masks = f["masks"][unique_rows]
+    return masks[inverse]
+
+
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a CPU tensor to `device`; to CUDA through pinned memory, without blocking the host.
 
