@@ -236,7 +236,9 @@ def few_folds_caveat(n_pairs: int) -> str:
 
 def corrected_resampled_ttest(diffs: Sequence[float], test_train_ratio: float) -> dict[str, float]:
     """Corrected resampled t-test (Nadeau & Bengio 2003) of paired per-fold differences d:
-    t = mean(d) / sqrt((1/k + n_test/n_train) s^2), df = k - 1, two-sided p.
+    t = mean(d) / sqrt((1/k + n_test/n_train) s^2), df = k - 1, two-sided p. Given the k x r
+    differences of repeated k-fold cross-validation it is the corrected repeated k-fold t-test
+    (Bouckaert & Frank 2004; kdlib.comparisons.repeated_cv_ttest adds its interval).
 
     Returns mean, std (s, ddof=1), se (the corrected standard error), t, df, p, n. With fewer than
     two differences or zero variance, t and p are NaN (with a warning), never 0 or infinity.
@@ -355,9 +357,13 @@ def compare_to_baseline(runs: pd.DataFrame, baseline, metric: str,
     on different numbers of slices). Columns of the result: by..., metric, n_pairs,
     test_train_ratio, baseline_mean, method_mean, mean_diff, std_diff, ci_low, ci_high, t,
     p_corrected_t, p_wilcoxon, p_holm (corrected-t p, Holm over the groups of this call), caveat.
+    A run table with a `repeat` column is paired on it too. kdlib.hypotheses.effect_table is the
+    per-split analysis of the repeated design (seeds averaged within a split, declared families).
     """
     check_boot_settings(ci=ci)
     by, pair_on = list(by), list(pair_on)
+    if "repeat" in runs.columns and "repeat" not in (*pair_on, *by):
+        pair_on.append("repeat")  # repeated cross-validation: fold f of two repeats differs
     _check_columns(runs, [*by, *pair_on, metric], "compare_to_baseline")
     ttr = "__test_train_ratio"
     if test_train_ratio is None:

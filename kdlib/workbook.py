@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from kdlib import MODALITIES
@@ -164,15 +163,3 @@ def split_folds(profile: str) -> dict[str, list[int]]:
     `Experiment.configs(..., folds=, repeats=)` takes them."""
     pairs = split_pairs(load_splits(data_settings(profile)["splits"]))
     return {"repeats": sorted({r for r, _ in pairs}), "folds": sorted({f for _, f in pairs})}
-
-
-def grid_devices(device: str = "auto", workers: int = 1) -> list[str] | None:
-    """The `devices` of run_grid: on a GPU machine (device auto/cuda) None, i.e. one process per
-    GPU; on the CPU `workers` single-threaded processes (small CNNs train faster that way than
-    with one multi-threaded process), or None for one in-process run at a time."""
-    if workers < 1:
-        raise ConfigError(f"workers={workers!r} must be >= 1")
-    if device.startswith("cuda:"):
-        return [device]  # that GPU only, not every GPU of the machine
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    return ["cpu"] * workers if on_cpu and workers > 1 else None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import h5py
 import pytest
-import torch
 import yaml
 
 import kdlib.data.phantom_files
@@ -189,18 +188,6 @@ def test_data_settings_and_split_folds(ws, monkeypatch):
     assert wb.split_folds(PROFILE) == {"repeats": [0], "folds": [0, 1]}
 
 
-def test_grid_devices(monkeypatch):
-    assert wb.grid_devices("cpu", 2) == ["cpu", "cpu"]
-    assert wb.grid_devices("cpu", 1) is None
-    assert wb.grid_devices("cuda", 4) is None
-    with pytest.raises(ConfigError, match="workers=0"):
-        wb.grid_devices("cpu", 0)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert wb.grid_devices("auto", 3) == ["cpu"] * 3
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert wb.grid_devices("auto", 3) is None
-
-
 def test_phantom_h5_channel_order_is_recorded_for_the_reader(tmp_path, monkeypatch):
     monkeypatch.setenv("KDLIB_HOME", str(tmp_path))
     order = ["t2", "t1", "t1ce", "flair"]
@@ -208,10 +195,6 @@ def test_phantom_h5_channel_order_is_recorded_for_the_reader(tmp_path, monkeypat
                                                        "write_h5": True, "h5_channel_order": order},
                         progress=False)["dataset"]
     assert ds["fmt"] == "h5" and ds["reader"] == {"channel_order": order}
-
-
-def test_grid_devices_keeps_an_explicit_gpu():
-    assert wb.grid_devices("cuda:1", 2) == ["cuda:1"]
 
 
 def test_manifest_survives_moving_the_output_root(tmp_path, monkeypatch):
