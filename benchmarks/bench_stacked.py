@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train
 
 from kdlib.criterion import build_criterion
+from kdlib.device import make_optimizer
 from kdlib.models import create_model
 from kdlib.stack import Stack, train_group_epoch
 from kdlib.stacked import fit_group, group_configs
@@ -55,7 +56,7 @@ def _runs(name: str, n: int, channels: int, device: str, channels_last: bool):
     models = [create_model(name, in_channels=channels).to(device) for _ in range(n)]
     if channels_last:
         models = [m.to(memory_format=torch.channels_last) for m in models]
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in models]
+    opts = [make_optimizer(m.parameters(), 1e-3, 1e-4, torch.device(device)) for m in models]
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(0, 10_000)) for o in opts]
     return models, opts, scheds
 

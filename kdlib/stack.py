@@ -133,12 +133,14 @@ def train_group_epoch(
     x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, *, batch_size: int, epoch: int,
     teachers: Sequence[nn.Module | None] | None = None,
     teacher_logits: Sequence[torch.Tensor | None] | None = None,
-    augment: AugmentConfig | None = None, generator: torch.Generator | None = None, amp: bool = False,
-    channels_last: bool = False, progress: bool = False,
+    augment: AugmentConfig | None = None, generator: torch.Generator | None = None,
+    amp: torch.dtype | bool | None = None,
+    scalers: Sequence[torch.amp.GradScaler | None] | None = None, channels_last: bool = False,
+    progress: bool = False,
 ) -> tuple[list[dict[str, float]], dict[int, str]]:
     """`kdlib.train.train_one_epoch` for every model of the stack at once, on one shared batch
-    sequence; model i has criteria[i], optimizers[i], schedulers[i] and teacher i (a teacher
-    object used by several models runs once per step).
+    sequence; model i has criteria[i], optimizers[i], schedulers[i], scalers[i] (fp16) and
+    teacher i (a teacher object used by several models runs once per step).
 
     Returns each model's sample-mean loss terms and {model index: message} for the models whose
     loss was not finite (the others are unaffected: their gradients are independent).
@@ -146,9 +148,10 @@ def train_group_epoch(
     n = len(stack.models)
     teachers = list(teachers or [None] * n)
     cached = list(teacher_logits or [None] * n)
+    scalers = [s if s is not None and s.is_enabled() else None for s in scalers or [None] * n]
     sums: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
     seen = 0
-    steps = batches(order.to(x.device), batch_size)
+    steps = batches(loader.host_to_device(order, x.device), batch_size)
     losses = torch.empty((len(steps), n), device=x.device)
     bar = tqdm(steps, desc=f"epoch {epoch}", leave=False, disable=not progress)
     for step, idx in enumerate(bar, 1):
@@ -168,7 +171,7 @@ def train_group_epoch(
         for i in range(n):
             key = id(cached[i]) if cached[i] is not None else id(teachers[i])
             terms = criteria[i](zs[i], yb, zt.get(key), epoch=epoch - 1)
-            total = total + terms["loss"]
+            total = total + (terms["loss"] if scalers[i] is None else scalers[i].scale(terms["loss"]))
             losses[step - 1, i] = terms["loss"].detach()
             for k, v in terms.items():
                 sums[i][k] = sums[i].get(k, 0.0) + v.detach().float() * len(idx)
@@ -177,8 +180,12 @@ def train_group_epoch(
         stack.zero_grad()
         total.backward()
         stack.grads_to_models()
-        for opt, sched in zip(optimizers, schedulers):
-            opt.step()
+        for opt, sched, scaler in zip(optimizers, schedulers, scalers):
+            if scaler is None:
+                opt.step()
+            else:  # unscales and checks this model's gradients only
+                scaler.step(opt)
+                scaler.update()
             sched.step()
         seen += len(idx)
     bad = {}

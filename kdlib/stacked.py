@@ -14,12 +14,10 @@ a plan into such groups.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,15 @@ from kdlib import runs as _runs
 from kdlib.criterion import build_criterion, logit_scale, needs_cosine_head
 from kdlib.data import loader
 from kdlib.data.folds import fold_data
+from kdlib.device import (
+    autocast_dtype,
+    check_resume_numerics,
+    determinism,
+    free_memory,
+    make_optimizer,
+    numerics_identity,
+    resolve_device,
+)
 from kdlib.errors import ConfigError, DataError, RunError
 from kdlib.identity import EXECUTION_SETTINGS, config_identity, run_id
 from kdlib.predictions import predictions_frame, validation_scores
@@ -46,7 +53,6 @@ from kdlib.train import (
     evaluate,
     fit,
     lr_lambda,
-    resolve_device,
 )
 from kdlib.train_config import TrainConfig, load_train_config
 
@@ -54,7 +60,8 @@ log = logging.getLogger(__name__)
 
 GROUP_SETTINGS: tuple[str, ...] = (
     "cache", "splits", "repeat", "fold", "ratio", "seed", "modalities", "model", "weights",
-    "epochs", "batch_size", "sampler", "augment", "device", "deterministic")
+    "epochs", "batch_size", "sampler", "augment", "device", "deterministic", "precision",
+    "compile")
 """Settings every run of a group shares: the same data, order, augmentation and architecture.
 Losses, distillers, teachers, lr, weight decay, warm-up, patience, select_metric and posthoc_tau
 may differ. A cosine head (ldam_drw) is another architecture, so it forms groups of its own."""
@@ -67,7 +74,7 @@ def group_key(cfg: TrainConfig) -> dict[str, Any]:
     """The values of GROUP_SETTINGS (data paths normalised as in the run id) plus the head kind."""
     ident = config_identity(cfg)  # cache and splits as the run id sees them
     key = {k: ident.get(k, getattr(cfg, k)) for k in GROUP_SETTINGS if k not in EXECUTION_SETTINGS}
-    key.update(device=cfg.device, deterministic=cfg.deterministic,
+    key.update({k: getattr(cfg, k) for k in EXECUTION_SETTINGS},
                head="cosine" if needs_cosine_head(cfg.task_loss) else "linear")
     return key
 
@@ -159,6 +166,7 @@ class _Member:
     scale: float = 1.0
     optimizer: Any = None
     scheduler: Any = None
+    scaler: Any = None
     teacher_logits: torch.Tensor | None = None
     identity: dict[str, Any] = dataclasses.field(default_factory=dict)
     state: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -167,23 +175,6 @@ class _Member:
     @property
     def done(self) -> bool:
         return self.state["stopped"] or self.state["epoch"] >= self.cfg.epochs
-
-
-@contextlib.contextmanager
-def _global_switches(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
-    """fit's deterministic-algorithm and cudnn switches, restored afterwards."""
-    if cfg.deterministic and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    previous = (torch.are_deterministic_algorithms_enabled(),
-                torch.is_deterministic_algorithms_warn_only_enabled(),
-                torch.backends.cudnn.benchmark)
-    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
-    torch.backends.cudnn.benchmark = not cfg.deterministic
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        torch.backends.cudnn.benchmark = previous[2]
 
 
 def fit_group(cfgs: Sequence[TrainConfig | dict | str | Path], runs_dir: str | Path,
@@ -207,12 +198,21 @@ def fit_group(cfgs: Sequence[TrainConfig | dict | str | Path], runs_dir: str | P
     ids = [run_id(c) for c in cfgs]
     todo = list({rid: c for rid, c in zip(ids, cfgs)
                  if not _runs.is_finished(runs_dir / rid)}.values())
-    if todo:
-        device = resolve_device(todo[0].device)
-        with _global_switches(todo[0], device):
-            vectorise = device.type == "cuda" if vectorise is None else vectorise
+    if not todo:
+        return [runs_dir / rid for rid in ids]
+    device = resolve_device(todo[0].device)
+    vectorise = device.type == "cuda" if vectorise is None else vectorise
+    with determinism(todo[0].deterministic, device):  # restores the process's switches
+        try:
             _fit_stacked(todo, runs_dir, device, progress, vectorise)
-    return [runs_dir / rid for rid in ids]
+            return [runs_dir / rid for rid in ids]
+        except torch.cuda.OutOfMemoryError as err:
+            oom = str(err).splitlines()[0] if str(err) else "out of memory"
+    free_memory(device)
+    raise RunError(f"{len(todo)} run(s) of {todo[0].model} trained together ran out of memory on "
+                   f"{device} at batch_size={todo[0].batch_size}: {oom}; train fewer runs "
+                   "together (kdlib.stacked.group_configs(..., max_size=...)) or lower "
+                   "batch_size; each run's last finished epoch is kept and resumes")
 
 
 def _member(cfg: TrainConfig, runs_dir: Path, device: torch.device) -> _Member:
@@ -227,28 +227,33 @@ def _member(cfg: TrainConfig, runs_dir: Path, device: torch.device) -> _Member:
 
 
 def _setup(m: _Member, counts: list[int], steps: int, data: dict[str, Any],
-           device: torch.device) -> None:
-    """Criterion, optimizer, schedule, cached teacher logits and state of a member, as in fit,
-    from its checkpoint when there is one."""
+           device: torch.device, amp: torch.dtype | None) -> None:
+    """Criterion, optimizer, schedule, gradient scaler and state of a member, as in fit, from its
+    checkpoint when there is one."""
     cfg = m.cfg
     m.criterion = build_criterion(cfg.task_loss, cfg.distiller, counts, cfg.epochs, cfg.loss_kw)
     m.scale = getattr(m.criterion, "logit_scale", None) or logit_scale(cfg.task_loss,
                                                                        cfg.loss_params)
-    m.optimizer = torch.optim.AdamW(m.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    m.optimizer = make_optimizer(m.model.parameters(), cfg.lr, cfg.weight_decay, device)
+    m.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     m.scheduler = torch.optim.lr_scheduler.LambdaLR(
         m.optimizer, lr_lambda(cfg.warmup_epochs * steps, cfg.epochs * steps))
     m.identity = {"config": config_identity(cfg),
                   "data": _runs.data_fingerprint(data["cache"], data["splits"]),
-                  "execution": _runs.execution_identity(device)}
+                  "execution": _runs.execution_identity(device),
+                  "numerics": numerics_identity(device, amp, cfg.deterministic, cfg.compile)}
     m.state = {"epoch": 0, "best_epoch": 0, "best_score": None, "bad_epochs": 0,
                "stopped": False, "history": [], "best_model": None}
     ckpt_path = m.tmp / "checkpoint.pt"
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         _runs.check_resume(m.identity, ckpt["identity"], m.tmp)
+        check_resume_numerics(m.identity["numerics"], ckpt["identity"].get("numerics"), m.tmp)
         m.model.load_state_dict(ckpt["model"])
         m.optimizer.load_state_dict(ckpt["optimizer"])
         m.scheduler.load_state_dict(ckpt["scheduler"])
+        if m.scaler.is_enabled():
+            m.scaler.load_state_dict(ckpt["scaler"])
         m.state, m.rng = ckpt["state"], ckpt["rng"]
     else:
         m.tmp.mkdir(parents=True, exist_ok=True)
@@ -261,7 +266,9 @@ def _fit_stacked(cfgs: list[TrainConfig], runs_dir: Path, device: torch.device,
     members = [_member(c, runs_dir, device) for c in cfgs]
     data = fold_data(cfg, device)
     (_, x_train, y_train), (_, x_val, y_val) = data["train"], data["val"]
-    problem = stack_problem(members[0].model, x_train, vectorise) if len(x_train) > 1 else None
+    problem = "compile: true compiles each model on its own" if cfg.compile else None
+    if problem is None and len(x_train) > 1:
+        problem = stack_problem(members[0].model, x_train, vectorise)
     if problem:
         log.warning("%d run(s) of %s cannot be trained together: %s; training them one by one "
                     "with kdlib.train.fit", len(cfgs), cfg.model, problem)
@@ -277,10 +284,11 @@ def _fit_stacked(cfgs: list[TrainConfig], runs_dir: Path, device: torch.device,
     if steps == 0:
         raise DataError(f"fold {cfg.fold} leaves {len(y_train)} training slice(s) for sampler "
                         f"{cfg.sampler!r}: not one batch of 2; check the splits and the cache")
-    ev = (4 * cfg.batch_size, cuda, cuda)
+    amp = autocast_dtype(device, cfg.precision)
+    ev = (4 * cfg.batch_size, amp, cuda)  # evaluate(): batch size, autocast, channels_last
     teacher_logits: dict[Path, torch.Tensor] = {}  # one pass per teacher, shared
     for m in members:
-        _setup(m, counts, steps, data, device)
+        _setup(m, counts, steps, data, device, amp)
         if m.teacher is not None and m.cfg.cache_teacher_logits:
             if m.teacher_path not in teacher_logits:
                 teacher_logits[m.teacher_path] = evaluate(m.teacher, x_train, *ev)
@@ -319,7 +327,8 @@ def _fit_stacked(cfgs: list[TrainConfig], runs_dir: Path, device: torch.device,
             [m.scheduler for m in active], x_train, y_train, order, batch_size=cfg.batch_size,
             epoch=epoch, teachers=[m.teacher for m in active],
             teacher_logits=[m.teacher_logits for m in active], augment=cfg.augment,
-            generator=gens["augment"], amp=cuda, channels_last=cuda, progress=progress)
+            generator=gens["augment"], amp=amp, scalers=[m.scaler for m in active],
+            channels_last=cuda, progress=progress)
         val_out = stack.evaluate(x_val, *ev)
         seconds = (time.perf_counter() - t0) / len(active)  # the group's time, shared out
         for i, m in enumerate(active):
@@ -372,8 +381,8 @@ def _record(m: _Member, epoch: int, lr: float, terms: dict[str, float], val: dic
     model_state = {k: v.detach().clone() for k, v in m.model.state_dict().items()}  # not views
     _runs.save_atomic(m.tmp / "checkpoint.pt", {
         "model": model_state, "optimizer": m.optimizer.state_dict(),
-        "scheduler": m.scheduler.state_dict(), "state": state, "identity": m.identity,
-        "rng": _rng_states(gens, device)})
+        "scheduler": m.scheduler.state_dict(), "scaler": m.scaler.state_dict(), "state": state,
+        "identity": m.identity, "rng": _rng_states(gens, device)})
 
 
 def _finish_member(m: _Member, data: dict[str, Any], counts: list[int], ev: tuple,
@@ -383,4 +392,4 @@ def _finish_member(m: _Member, data: dict[str, Any], counts: list[int], ev: tupl
     pred = predictions_frame(t_test, evaluate(m.model, x_test, *ev) * m.scale, counts,
                              m.cfg.posthoc_tau)
     _finish(m.cfg, data, m.state, pred, counts, m.model, m.teacher, m.teacher_path, m.tmp,
-            m.final, device)
+            m.final, device, m.identity["numerics"])

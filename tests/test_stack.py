@@ -56,8 +56,10 @@ def test_set_models_restacks_and_detach_gives_a_model_its_own_tensors():
     assert torch.equal(models[1].fc.weight, before)
 
 
-@pytest.mark.parametrize("vectorise", [True, False])
-def test_train_group_epoch_matches_train_one_epoch_per_model(vectorise):
+@pytest.mark.parametrize("vectorise, scaled", [(True, False), (False, False), (False, True),
+                                               (True, True)])
+def test_train_group_epoch_matches_train_one_epoch_per_model(vectorise, scaled):
+    scaler = lambda: torch.amp.GradScaler("cpu", init_scale=2.0**8, enabled=scaled)  # fp16 path
     torch.manual_seed(0)
     x, y = torch.randn(20, 2, 16, 16).half(), torch.randint(0, 3, (20,))
     counts = torch.bincount(y, minlength=3).tolist()
@@ -66,19 +68,22 @@ def test_train_group_epoch_matches_train_one_epoch_per_model(vectorise):
     opts = [torch.optim.AdamW(m.parameters(), lr=lr) for m, lr in zip(models, (1e-3, 3e-3, 1e-2))]
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(2, 10)) for o in opts]
     order = torch.randperm(20, generator=torch.Generator().manual_seed(0))
+    scalers = [scaler() for _ in models]
     terms, bad = train_group_epoch(Stack(models, vectorise), crits, opts, scheds, x, y, order,
-                                   batch_size=8, epoch=1)
+                                   batch_size=8, epoch=1, scalers=scalers)
     assert bad == {}
     for i, (m, crit, lr) in enumerate(zip(alone, crits, (1e-3, 3e-3, 1e-2))):
         opt = torch.optim.AdamW(m.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(2, 10))
-        ref = train_one_epoch(m, crit, opt, sched, x, y, order, batch_size=8, epoch=1)
+        own = scaler()
+        ref = train_one_epoch(m, crit, opt, sched, x, y, order, batch_size=8, epoch=1, scaler=own)
         tol = 1e-6 if vectorise else 0.0  # one after the other: fit's kernels, bit for bit
         assert terms[i].keys() == ref.keys()
         assert all(abs(terms[i][k] - ref[k]) <= tol for k in ref)
         for p, q in zip(models[i].parameters(), m.parameters()):
             assert torch.allclose(p, q, atol=tol, rtol=0)
         assert opts[i].state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+        assert scalers[i].state_dict() == own.state_dict()
 
 
 def test_stack_problem_names_random_ops_and_accepts_the_ladder():

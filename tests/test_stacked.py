@@ -215,6 +215,8 @@ def test_group_configs_breaks_a_cycle_between_groups_by_teacher_depth(data):
     ({"batch_size": 4}, r"batch_size"),
     ({"task_loss": "ldam_drw"}, r"head is 'linear' in one and 'cosine'"),
     ({"augment": False}, r"augment"),
+    ({"repeat": 1}, r"repeat is 0 in one and 1"),
+    ({"compile": True}, r"compile is False in one and True"),
 ])
 def test_runs_that_cannot_share_a_group_are_rejected(data, tmp_path, over, match):
     with pytest.raises(ConfigError, match=rf"cannot be trained together: {match}.*group_configs"):
@@ -242,6 +244,15 @@ def test_models_with_dropout_fall_back_to_fit_one_by_one(data, tmp_path, caplog,
     assert "one by one" in caplog.text
     for p, c in zip(paths, cfgs):
         _same_run(p, fit(c, tmp_path / "alone", progress=False))
+
+
+def test_compiled_runs_are_trained_one_by_one(data, tmp_path, monkeypatch, caplog):
+    trained = []
+    monkeypatch.setattr(kdlib.stacked, "fit", lambda cfg, runs_dir, progress: trained.append(cfg))
+    cfgs = [load_train_config(tiny_config(*data, compile=True, task_loss=t)) for t in ("ce", "focal")]
+    with caplog.at_level(logging.WARNING, logger="kdlib.stacked"):
+        fit_group(cfgs, tmp_path, progress=False)
+    assert trained == cfgs and "compile" in caplog.text and "one by one" in caplog.text
 
 
 def test_a_failing_run_fails_alone_and_the_others_finish(data, tmp_path, monkeypatch):
