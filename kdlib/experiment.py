@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from kdlib import MODALITIES
+from kdlib import MINORITY, MODALITIES
 from kdlib.config import check_choice, check_range
 from kdlib.errors import ConfigError
 from kdlib.grid import expand_grid
@@ -19,6 +19,10 @@ from kdlib.train_config import TrainConfig
 
 def _tuple(value: Any) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def _ratio_key(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,11 @@ class Experiment:
     grid_students: tuple[str, ...] = ("cnn_xs", "cnn_s")
     grid_ratio: float | None = 4.0
     grid_distiller: str = "kd"
+    primary_metric: str = f"f1_{MINORITY}"
+    primary_baselines: tuple[str, ...] = ("ce", "logit_adjusted")
+    primary_ratios: tuple[float | None, ...] | None = None
+    rope: float = 0.02
+    guard_metric: str = "macro_f1"
     cache_teacher_logits: bool = False
     device: str = "auto"
 
@@ -79,6 +88,7 @@ class Experiment:
                                   "natural ratio")
             if r is not None:
                 check_range("ratio", float(r), 1.0)
+        self._check_primary()
         check_choice("weights", self.weights, (None, "imagenet"))
 
     @property
@@ -86,6 +96,53 @@ class Experiment:
         """The most imbalanced training ratio of question 1 (None when only the natural one)."""
         given = [float(r) for r in self.ratios if r is not None]
         return max(given) if given else None
+
+    def _check_primary(self) -> None:
+        """Validate the declared primary family (question 1's confirmatory hypotheses)."""
+        for name in ("primary_metric", "guard_metric"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a metric name, e.g. "
+                                  f"'f1_{MINORITY}' or 'macro_f1'")
+        base = _tuple(self.primary_baselines)
+        known = [*self.baseline_losses, "ce+posthoc"]
+        if not base or any(b not in known for b in base):
+            raise ConfigError(f"primary_baselines={list(base)} must name one or more of "
+                              f"baseline_losses or ce+posthoc: {known}")
+        object.__setattr__(self, "primary_baselines", base)
+        if self.primary_ratios is not None:
+            ratios = _tuple(self.primary_ratios)
+            keys = {_ratio_key(r) for r in self.ratios}
+            bad = [r for r in ratios if r is not None and (
+                isinstance(r, bool) or not isinstance(r, (int, float))
+                or float(r) not in keys)]
+            bad += [None] if None in ratios and None not in keys else []
+            if not ratios or bad:
+                raise ConfigError(f"primary_ratios={list(ratios)} must list ratios of `ratios` "
+                                  f"({list(self.ratios)}; null = natural), or be null for the "
+                                  "natural (or least imbalanced) and the strongest ratio")
+            object.__setattr__(self, "primary_ratios", ratios)
+        if isinstance(self.rope, bool) or not isinstance(self.rope, (int, float)) \
+                or not 0 <= self.rope < 1:
+            raise ConfigError(f"rope={self.rope!r} must be a number in [0, 1): the half-width of "
+                              "the region of practical equivalence in the metric's units (e.g. "
+                              "0.02)")
+
+    @property
+    def distilled_methods(self) -> tuple[str, ...]:
+        """Question 1's distillation methods as the run table names them: each distiller, kd on
+        each imbalance-aware loss (kd+<loss>) and kd_original."""
+        return (*self.distillers, *(f"kd+{loss}" for loss in self.kd_task_losses),
+                *(("kd_original",) if self.kd_original else ()))
+
+    @property
+    def family_ratios(self) -> tuple[float | None, ...]:
+        """The primary family's ratios: `primary_ratios`, or by default the natural ratio (else
+        the least imbalanced one) and the strongest imbalance."""
+        if self.primary_ratios is not None:
+            return self.primary_ratios
+        given = sorted(float(r) for r in self.ratios if r is not None)
+        first = None if None in self.ratios or not given else given[0]
+        return tuple(dict.fromkeys([first, self.strongest_ratio]))
 
     def configs(self, cache: str, splits: str, folds: list[int],
                 repeats: list[int] | tuple[int, ...] = (0,)) -> list[TrainConfig]:
