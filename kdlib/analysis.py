@@ -248,7 +248,7 @@ def primary_family(exp: Experiment) -> Family:
     if not exp.distilled_methods:
         raise DataError("the experiment has no distillation method: question 1's primary family "
                         "is empty; list distillers, kd_task_losses or kd_original")
-    return family(PRIMARY, exp.distilled_methods, exp.primary_baselines, exp.primary_metric,
+    return family(PRIMARY, exp.distilled_methods, exp.family_baselines, exp.primary_metric,
                   exp.family_ratios)
 
 
@@ -316,5 +316,11 @@ def q2_correlations(cells: pd.DataFrame, exp: Experiment, n_boot: int = 1000, se
             raise DataError(f"no parameter count for model(s) {missing}: the runs need a `params` "
                             "(and `teacher_params`) column")
         x = {f"{t}->{s}": float(size(t, s)) for t, s in cells_}
-        rows.append({"x": name, **gain_correlation(cells, fam, x, n_boot=n_boot, seed=seed)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constant gains: scipy warns, rho is NaN
+            corr = gain_correlation(cells, fam, x, n_boot=n_boot, seed=seed)
+        if corr["rho"] is not None and not np.isfinite(corr["rho"]):
+            corr.update(rho=None, ci_low=None, ci_high=None,
+                        reason="every cell has the same mean gain: a rank correlation is undefined")
+        rows.append({"x": name, **corr})
     return pd.DataFrame(rows)

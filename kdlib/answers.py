@@ -31,7 +31,8 @@ def fmt_ratio(r) -> str:
 
 
 def fmt_p(value: float) -> str:
-    """A p-value for prose; NaN means no test was possible."""
+    """A p-value for prose; NaN means no test was possible (e.g. the same difference in every
+    split)."""
     return "n/a" if value is None or pd.isna(value) else f"{value:.3f}"
 
 
@@ -56,8 +57,9 @@ def bayes_text(row: Mapping) -> str:
 def comparison_text(row: Mapping) -> str:
     """One comparison: gain [CI]; p and Holm p; the Bayesian probabilities; the guard; verdict."""
     holm = "" if row["family"] == EXPLORATORY else f", Holm p = {fmt_p(row['p_holm'])}"
+    same = " (the same difference in every split)" if pd.isna(row["p"]) and row["se"] == 0 else ""
     return (f"{row['method']} vs {row['baseline']}: **{gain_ci(row)}**; p = {fmt_p(row['p'])}"
-            f"{holm}; {bayes_text(row)}; guard {row['guard']} {gain_ci(row, 'guard_')} "
+            f"{holm}{same}; {bayes_text(row)}; guard {row['guard']} {gain_ci(row, 'guard_')} "
             f"-> *{row['verdict']}*")
 
 

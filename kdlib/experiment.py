@@ -63,7 +63,7 @@ class Experiment:
     grid_ratio: float | None = 4.0
     grid_distiller: str = "kd"
     primary_metric: str = f"f1_{MINORITY}"
-    primary_baselines: tuple[str, ...] = ("ce", "logit_adjusted")
+    primary_baselines: tuple[str, ...] | None = None
     primary_ratios: tuple[float | None, ...] | None = None
     rope: float = 0.02
     guard_metric: str = "macro_f1"
@@ -103,12 +103,14 @@ class Experiment:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be a metric name, e.g. "
                                   f"'f1_{MINORITY}' or 'macro_f1'")
-        base = _tuple(self.primary_baselines)
-        known = [*self.baseline_losses, "ce+posthoc"]
-        if not base or any(b not in known for b in base):
-            raise ConfigError(f"primary_baselines={list(base)} must name one or more of "
-                              f"baseline_losses or ce+posthoc: {known}")
-        object.__setattr__(self, "primary_baselines", base)
+        if self.primary_baselines is not None:
+            base = _tuple(self.primary_baselines)
+            known = [*self.baseline_losses, "ce+posthoc"]
+            if not base or any(b not in known for b in base):
+                raise ConfigError(f"primary_baselines={list(base)} must name one or more of "
+                                  f"baseline_losses or ce+posthoc: {known} (null: ce and "
+                                  "logit_adjusted)")
+            object.__setattr__(self, "primary_baselines", base)
         if self.primary_ratios is not None:
             ratios = _tuple(self.primary_ratios)
             keys = {_ratio_key(r) for r in self.ratios}
@@ -133,6 +135,14 @@ class Experiment:
         each imbalance-aware loss (kd+<loss>) and kd_original."""
         return (*self.distillers, *(f"kd+{loss}" for loss in self.kd_task_losses),
                 *(("kd_original",) if self.kd_original else ()))
+
+    @property
+    def family_baselines(self) -> tuple[str, ...]:
+        """The primary family's baselines: `primary_baselines`, or by default CE and logit
+        adjustment (the latter when it is one of `baseline_losses`)."""
+        if self.primary_baselines is not None:
+            return self.primary_baselines
+        return tuple(b for b in ("ce", "logit_adjusted") if b in self.baseline_losses)
 
     @property
     def family_ratios(self) -> tuple[float | None, ...]:
