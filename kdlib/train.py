@@ -28,6 +28,7 @@ from kdlib import CLASSES, MINORITY
 from kdlib import runs as _runs
 from kdlib.data import loader
 from kdlib.errors import DataError, RunError
+from kdlib.lock import run_lock
 from kdlib.train_config import (  # also re-exported: kdlib.train is the entry point
     SELECT_METRICS,
     AugmentConfig,
@@ -322,6 +323,7 @@ def fit(cfg: TrainConfig | Mapping[str, Any] | str | Path, runs_dir: str | Path,
 
     A finished run is returned at once (skipped); an unfinished one (`.tmp-<run_id>` with a
     checkpoint) resumes where its last epoch ended and ends with the same numbers as a straight run.
+    Training holds the run's lock: a second process on the same run waits for it (kdlib.lock).
     """
     cfg = load_train_config(cfg)
     runs_dir = Path(runs_dir)
@@ -338,7 +340,10 @@ def fit(cfg: TrainConfig | Mapping[str, Any] | str | Path, runs_dir: str | Path,
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = not cfg.deterministic
     try:
-        return _fit(cfg, runs_dir, rid, tmp, final, device, progress)
+        with run_lock(runs_dir, rid):  # one process at a time trains a run (kdlib.lock)
+            if _runs.is_finished(final):  # finished by the process we waited for
+                return final
+            return _fit(cfg, runs_dir, rid, tmp, final, device, progress)
     finally:  # fit leaves the process's global switches as it found them
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.benchmark = previous[2]
