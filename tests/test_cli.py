@@ -15,11 +15,12 @@ from kdlib import CLASSES
 from kdlib.cli import build_parser, main
 from kdlib.data.cache import cache_summary, load_slice_table
 from kdlib.data.splits import load_splits
+from kdlib.plan import read_plan
 from kdlib.runs import load_runs, run_id
 from kdlib.train import TrainConfig
-from kdlib.workbook import read_manifest
+from kdlib.workbook import read_manifest, update_manifest
 
-SUBCOMMANDS = ["phantom", "prepare", "train", "grid", "run", "strip"]
+SUBCOMMANDS = ["phantom", "prepare", "train", "grid", "plan", "launch", "run", "strip"]
 
 
 def exit_code(argv):
@@ -54,6 +55,11 @@ def test_no_subcommand_or_bad_option_is_a_usage_error(capsys):
     (["run", "--profile", "nosuch"], "run", "unknown profile 'nosuch'"),
     (["run", "--profile", "smoke", "-p", "novalue"], "run", "must look like key=value"),
     (["prepare", "--source", "nifti"], "prepare", "needs data_root"),
+    (["plan", "--profile", "smoke"], "plan", "profile 'smoke' has no splits yet"),
+    (["plan", "--profile", "smoke", "-p", "n_boot=9"], "plan", "-p ['n_boot']: not experiment"),
+    (["launch", "--profile", "smoke", "-p", "epochs=x"], "launch", "epochs='x' should be int"),
+    (["train", "--plan", "none.jsonl", "--index", "0"], "train", "none.jsonl does not exist"),
+    (["train", "--plan", "none.jsonl"], "train", "--plan needs --index N"),
 ])
 def test_kdlib_errors_print_one_line_and_return_2(argv, cmd, says, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -136,6 +142,62 @@ def test_train_default_runs_dir_follows_the_output_root(tiny_data, tmp_path, mon
     assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 0
     rid = run_id(TrainConfig.from_dict(cfg))
     assert (home / "runs" / "cli" / rid / "metrics.json").is_file()
+
+
+@pytest.fixture
+def tiny_profile(tiny_data, tmp_path, monkeypatch):
+    """A profile file with a three-run experiment, its cache and splits recorded as 00-01 do."""
+    monkeypatch.setenv("KDLIB_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    exp = {"modalities": ["flair", "t1"], "folds": [0], "ratios": [None], "epochs": 1,
+           "batch_size": 8, "teacher": "cnn_s", "student": "cnn_xs", "baseline_losses": ["ce"],
+           "distillers": ["kd"], "kd_task_losses": [], "kd_original": False, "grid_teachers": []}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"description": "test", "experiment": exp,
+                                    "parameters": {"workers": 1}}))
+    update_manifest("tiny", cache=str(tiny_data[0]), splits=str(tiny_data[1]))
+    return path
+
+
+def test_plan_writes_the_plan_and_the_slurm_scripts(tiny_profile, tmp_path, capsys):
+    argv = ["plan", "--profile", str(tiny_profile), "-p", "epochs=2", "--partition", "gpu",
+            "--time", "30", "--max-parallel", "2"]
+    assert main(argv) == 0
+    runs = tmp_path / "home" / "runs" / "tiny"
+    plan = read_plan(runs / "plan.jsonl")
+    assert len(plan) == 3 and [len(e.depends_on) for e in plan] == [0, 0, 1]
+    assert all(e.config.epochs == 2 for e in plan)
+    assert read_manifest("tiny")["experiment"]["epochs"] == 2  # what the notebooks then read
+    out = capsys.readouterr().out
+    assert f"{runs / 'plan.jsonl'}: 3 runs, 2 then 1 by dependency level" in out
+    assert f"bash {runs / 'slurm' / 'submit.sh'}" in out
+    sbatch = (runs / "slurm" / "train.sbatch").read_text()
+    assert "#SBATCH --partition=gpu\n" in sbatch and "#SBATCH --time=00:30:00\n" in sbatch
+    assert "--array=0-1%2" in (runs / "slurm" / "submit.sh").read_text()
+
+
+def test_train_plan_index_and_launch(tiny_profile, tmp_path, capsys, monkeypatch):
+    assert main(["plan", "--profile", str(tiny_profile)]) == 0
+    runs = tmp_path / "home" / "runs" / "tiny"
+    plan = read_plan(runs / "plan.jsonl")
+    capsys.readouterr()
+    assert main(["train", "--plan", str(runs / "plan.jsonl"), "--index", "1"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(runs / plan[1].run_id)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")  # as a task of the job array
+    assert main(["train", "--plan", str(runs / "plan.jsonl")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(runs / plan[0].run_id)
+    assert main(["launch", "--profile", str(tiny_profile)]) == 0
+    out = capsys.readouterr().out
+    assert "1 trained, 2 done, 0 failed, 0 skipped (of 3 runs)" in out
+    assert sorted(load_runs(runs)["run_id"]) == sorted(e.run_id for e in plan)
+
+
+def test_launch_on_slurm_without_a_cluster_is_a_clear_error(tiny_profile, tmp_path, monkeypatch,
+                                                            capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun, no sbatch
+    argv = ["launch", "--profile", str(tiny_profile), "--executor", "slurm", "--partition", "gpu"]
+    assert main(argv) == 2
+    assert "kdlib launch: error: cannot use Slurm here" in capsys.readouterr().err
 
 
 def test_phantom_and_strip_subcommands(tmp_path, capsys):

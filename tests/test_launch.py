@@ -75,7 +75,8 @@ def grid():
     s1 = cfg(distiller="kd", teacher=run_id(t1))
     s2 = cfg(distiller="kd", teacher=run_id(t2))
     b = cfg(task_loss="focal")
-    return {k: (v, run_id(v)) for k, v in dict(t1=t1, t2=t2, s1=s1, s2=s2, b=b).items()}
+    runs = {"t1": t1, "t2": t2, "s1": s1, "s2": s2, "b": b}
+    return {k: (v, run_id(v)) for k, v in runs.items()}
 
 
 def test_a_student_is_submitted_as_soon_as_its_teacher_finishes(grid, tmp_path):
@@ -188,9 +189,9 @@ def tiny(tmp_path_factory):
 
 def same_runs(a: dict[str, RunResult], b: dict[str, RunResult]) -> None:
     assert list(a) == list(b)
-    for rid in a:
-        assert a[rid].status == b[rid].status == "trained"
-        assert load_metrics(a[rid].path) == load_metrics(b[rid].path), rid
+    for rid, ours in a.items():
+        assert ours.status == b[rid].status == "trained"
+        assert load_metrics(ours.path) == load_metrics(b[rid].path), rid
 
 
 def test_local_worker_processes_match_this_process(tiny, tmp_path):
