@@ -22,11 +22,12 @@ from kdlib.plan import PLAN_FILE, PlanEntry, make_plan, read_plan, write_plan
 from kdlib.profiles import load_profile, profile_file
 from kdlib.runs import portable_path, run_id
 from kdlib.train_config import TrainConfig
-from kdlib.workbook import MANIFEST, cv_folds, data_settings, read_manifest, update_manifest
+from kdlib.workbook import MANIFEST, data_settings, read_manifest, split_folds, update_manifest
 
 NAME_LISTS = ("baseline_losses", "distillers", "kd_task_losses", "grid_teachers", "grid_students")
 SETTING_TYPES = {
-    "modalities": "list[str]", "folds": "Optional[list[int]]", "seeds": "list[int]",
+    "modalities": "list[str]", "train_repeats": "Optional[list[int]]",
+    "folds": "Optional[list[int]]", "seeds": "list[int]",
     "epochs": "int", "batch_size": "int", "lr": "float", "weights": "Optional[str]",
     "patience": "Optional[int]", "teacher": "str", "teacher_loss": "str", "student": "str",
     **{name: "list[str]" for name in NAME_LISTS}, "kd_original": "bool",
@@ -61,14 +62,16 @@ class Experiment:
     Question 1: `student` trained with each of `baseline_losses`, and distilled from `teacher` with
     each of `distillers` (task loss CE), with `kd` on top of each of `kd_task_losses`, and (if
     `kd_original`) with the original project's KD weighting; every one of them at each training
-    HGG:LGG ratio in `ratios` (None = natural), fold and seed. Question 2: each of `grid_students`
-    without a teacher (CE) and distilled with `grid_distiller` from each of `grid_teachers`, at
-    `grid_ratio`. Teachers are trained with `teacher_loss` on the same fold, ratio and seed as their
-    students. Where the runs train (device, workers) is no part of the experiment: the launcher
-    decides it.
+    HGG:LGG ratio in `ratios` (None = natural), repeat and fold of the splits (`train_repeats`,
+    `folds`: None = all; how many there are is the splits' setting), and seed. Question 2: each of
+    `grid_students` without a teacher (CE) and distilled with `grid_distiller` from each of
+    `grid_teachers`, at `grid_ratio`. Teachers are trained with `teacher_loss` on the same repeat, fold, ratio and seed
+    as their students. Where the runs train (device, workers) is no part of the experiment: the
+    launcher decides it.
     """
 
     modalities: tuple[str, ...] = MODALITIES
+    train_repeats: tuple[int, ...] | None = None
     folds: tuple[int, ...] | None = None
     ratios: tuple[float | None, ...] = (1, 4)
     seeds: tuple[int, ...] = (0,)
@@ -94,9 +97,9 @@ class Experiment:
     def __post_init__(self) -> None:
         for name in ("modalities", "ratios", "seeds", *NAME_LISTS):
             object.__setattr__(self, name, _tuple(getattr(self, name)))
-        if self.folds is not None:
-            folds = _tuple(self.folds)
-            object.__setattr__(self, "folds", folds or None)
+        for name in ("train_repeats", "folds"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _tuple(getattr(self, name)) or None)
         self._check_types()
         for name in ("ratios", "seeds", "modalities"):
             if not getattr(self, name):
@@ -150,12 +153,15 @@ class Experiment:
         given = [float(r) for r in self.ratios if r is not None]
         return max(given) if given else None
 
-    def configs(self, cache: str, splits: str, folds: list[int]) -> list[TrainConfig]:
-        """Every TrainConfig of the experiment (teachers first), for the given data and folds."""
+    def configs(self, cache: str, splits: str, folds: list[int],
+                repeats: list[int] | tuple[int, ...] = (0,)) -> list[TrainConfig]:
+        """Every TrainConfig of the experiment (teachers first), for the given data and the splits'
+        repeats and folds (as `kdlib.workbook.split_folds` gives them): repeat x fold x ratio x
+        seed for every method."""
         base = {"cache": cache, "splits": splits, "modalities": list(self.modalities),
                 "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
                 "weights": self.weights, "patience": self.patience}
-        folds = list(self.folds or folds)
+        folds, repeats = list(self.folds or folds), list(self.train_repeats or repeats)
         ratios = list(self.ratios)
         kd_extra = {"cache_teacher_logits": self.cache_teacher_logits}
         teachers = [{"model": self.teacher, "task_loss": self.teacher_loss, "ratio": ratios}]
@@ -181,7 +187,7 @@ class Experiment:
             students.append({"model": list(self.grid_students), "task_loss": "ce", **kd_extra,
                              "ratio": self.grid_ratio, "distiller": self.grid_distiller,
                              "teacher": {"model": list(self.grid_teachers)}})
-        spec = {"base": base, "grid": {"fold": folds, "seed": list(self.seeds)},
+        spec = {"base": base, "grid": {"repeat": repeats, "fold": folds, "seed": list(self.seeds)},
                 "teachers": teachers, "students": students}
         return expand_grid(spec)
 
@@ -239,7 +245,7 @@ def profile_plan(profile: str) -> list[PlanEntry]:
     notebooks 00-01), written to runs/<profile>/plan.jsonl and recorded in the manifest."""
     exp = load_experiment(profile)
     data = data_settings(profile)
-    entries = make_plan(exp.configs(**data, folds=cv_folds(profile)))
+    entries = make_plan(exp.configs(**data, **split_folds(profile)))
     write_plan(entries, plan_path(profile))
     update_manifest(profile, plan={"file": PLAN_FILE, "runs": len(entries),
                                    "made_from": _plan_source(exp, data)})
@@ -266,11 +272,13 @@ def read_profile_plan(profile: str) -> list[PlanEntry]:
 
 
 def run_table(configs: list[TrainConfig]) -> pd.DataFrame:
-    """One row per planned run: run_id, model, method, teacher, fold, ratio, seed (for display)."""
+    """One row per planned run: run_id, model, method, teacher, repeat, fold, ratio, seed (for
+    display)."""
     from kdlib.runs import method_name
 
     return pd.DataFrame([{"run_id": run_id(c), "model": c.model, "method": method_name(c),
-                          "teacher": c.teacher, "fold": c.fold, "ratio": c.ratio, "seed": c.seed}
+                          "teacher": c.teacher, "repeat": c.repeat, "fold": c.fold,
+                          "ratio": c.ratio, "seed": c.seed}
                          for c in configs])
 
 
@@ -281,10 +289,12 @@ def select_runs(runs: pd.DataFrame, configs: list[TrainConfig]) -> pd.DataFrame:
 
 
 def histories(runs: pd.DataFrame) -> pd.DataFrame:
-    """All per-epoch histories of `runs`, with run_id, method, model, ratio and fold attached."""
+    """All per-epoch histories of `runs`, with run_id, method, model, ratio, repeat and fold
+    attached."""
     from kdlib.runs import load_history
 
-    keep = [c for c in ("run_id", "method", "model", "teacher_model", "ratio", "fold", "seed")
+    keep = [c for c in ("run_id", "method", "model", "teacher_model", "ratio", "repeat", "fold",
+                        "seed")
             if c in runs.columns]
     parts = [load_history(row["path"]).assign(**{c: row[c] for c in keep})
              for _, row in runs.iterrows()]
