@@ -117,12 +117,20 @@ def test_a_failure_skips_its_dependents_only(grid, tmp_path):
         "t1": "failed", "t2": "trained", "s1": "skipped", "s2": "failed", "b": "done"}
     assert res[ids["t1"]].error == "RuntimeError: Tried 2 GiB"
     assert res[ids["s1"]].error == f"needs run {ids['t1']}, which failed"
+    ex.futures.clear()
+    for k in ("t2", "s2"):
+        (tmp_path / ids[k]).mkdir()
+        (tmp_path / ids[k] / "metrics.json").write_text("{}")
+    again = launch(plan[3:], tmp_path, ex, progress=False, check=False)  # s1, s2 without teachers
+    assert [r.status for r in again.values()] == ["skipped", "done"] and not ex.futures
+    assert again[ids["s1"]].error == f"needs run {ids['t1']}, which is neither in this launch nor " \
+        "finished"
     text = summary(res)
     assert text.splitlines()[0] == "1 trained, 1 done, 2 failed, 1 skipped (of 5 runs)"
     assert f"  {ids['s2']}: failed: RunError: the loss became nan" in text
     with pytest.raises(RunError) as err:  # check=True: the same summary as the error
         launch(plan, tmp_path, FailingExecutor(), progress=False)
-    assert "0 trained, 1 done, 2 failed, 2 skipped" in str(err.value)
+    assert "0 trained, 3 done, 1 failed, 1 skipped" in str(err.value)  # t2, s2, b finished
 
 
 class FailingExecutor:
