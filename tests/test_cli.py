@@ -8,6 +8,7 @@ import sys
 import nbformat
 import pandas as pd
 import pytest
+import submitit
 import yaml
 from helpers_train import tiny_config, tiny_train_data
 
@@ -17,6 +18,7 @@ from kdlib.data.cache import cache_summary, load_slice_table
 from kdlib.data.splits import load_splits
 from kdlib.plan import read_plan
 from kdlib.runs import load_runs, run_id
+from kdlib.slurm import SlurmSettings
 from kdlib.train import TrainConfig
 from kdlib.workbook import read_manifest, update_manifest
 
@@ -191,6 +193,28 @@ def test_train_plan_index_and_launch(tiny_profile, tmp_path, capsys, monkeypatch
     out = capsys.readouterr().out
     assert "1 trained, 2 done, 0 failed, 0 skipped (of 3 runs)" in out
     assert sorted(load_runs(runs)["run_id"]) == sorted(e.run_id for e in plan)
+
+
+def test_launch_on_slurm_hands_the_settings_to_submitit(tiny_profile, tmp_path, monkeypatch,
+                                                       capsys):
+    """--executor slurm with submitit's DebugExecutor standing in for the cluster."""
+    seen = {}
+
+    def stand_in(folder, settings, name):
+        seen.update(folder=folder, settings=settings, name=name)
+        return submitit.DebugExecutor(folder)
+
+    monkeypatch.setattr("kdlib.slurm.slurm_executor", stand_in)
+    argv = ["launch", "--profile", str(tiny_profile), "--executor", "slurm", "--partition", "gpu",
+            "--gpus-per-node", "2", "--cpus-per-task", "1", "--mem-gb", "16", "--time", "45",
+            "--account", "lab", "--max-parallel", "4", "--poll", "0.01"]
+    assert main(argv) == 0
+    runs = tmp_path / "home" / "runs" / "tiny"
+    assert seen["folder"] == runs / "slurm" / "submitit" and seen["name"] == "kdlib-tiny"
+    assert seen["settings"] == SlurmSettings(partition="gpu", gpus_per_node=2, cpus_per_task=1,
+                                             mem_gb=16, time_min=45, account="lab",
+                                             max_parallel=4)
+    assert "3 trained, 0 done, 0 failed, 0 skipped (of 3 runs)" in capsys.readouterr().out
 
 
 def test_launch_on_slurm_without_a_cluster_is_a_clear_error(tiny_profile, tmp_path, monkeypatch,
