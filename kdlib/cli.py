@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from kdlib import MODALITIES
 from kdlib.errors import KdlibError
 
 
@@ -20,17 +21,27 @@ def _phantom(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
+    """Dataset, cache and splits; the manifest is written once all three have succeeded."""
     from kdlib import workbook
+    from kdlib.data.brats import discover
     from kdlib.data.cache import cache_summary, load_slice_table
     from kdlib.data.splits import load_splits, split_table
+    from kdlib.data.subjects import reader_notes
 
     phantom = {"n_hgg": args.hgg, "n_lgg": args.lgg, "shape": tuple(args.shape),
                    "difficulty": args.difficulty, "seed": args.seed, "workers": args.workers}
-    ds = workbook.get_dataset(args.profile, args.source, args.data_root, phantom, args.volume_map)
-    print(f"dataset: {ds['dataset']['root']} ({ds['dataset']['fmt']})")
-    cache = workbook.build_cache(args.profile, {"image_size": args.image_size, "workers": args.workers})
-    splits = workbook.build_splits(args.profile, {"k_folds": args.folds, "seed": args.seed,
-                                                      "test_fraction": args.test_fraction})
+    ds = workbook.locate_dataset(args.profile, args.source, args.data_root, phantom,
+                                 args.volume_map, args.channel_order)
+    print(f"dataset: {ds['root']} ({ds['fmt']})")
+    notes = reader_notes(discover(ds["root"], fmt=ds["fmt"], **ds["reader"]))
+    if notes:
+        print("reader's notes:\n" + "\n".join(f"  {n}" for n in notes))
+    cache = workbook.make_cache(args.profile, ds, {"image_size": args.image_size,
+                                                   "workers": args.workers})
+    splits = workbook.make_split_file(args.profile, cache["cache"], {
+        "k_folds": args.folds, "seed": args.seed, "test_fraction": args.test_fraction})
+    workbook.update_manifest(args.profile, dataset=ds, **cache, **splits)
+    cache, splits = cache["cache"], splits["splits"]
     table = load_slice_table(cache)
     print(f"cache:  {cache}\nsplits: {splits}\n")
     print("Subjects per grade and slices per class:")
@@ -98,12 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_phantom)
 
     q = sub.add_parser("prepare", help="dataset -> slice cache -> splits, and print the summary",
-                       description="Generate (or locate) the dataset, build the slice cache and the "
-                                   "subject-level splits of a profile, and print class tables.")
+                       description="Generate (or locate) the dataset, print the readers' notes, "
+                                   "build the slice cache and the subject-level splits of a "
+                                   "profile, record them in its manifest once all succeeded, and "
+                                   "print class tables.")
     q.add_argument("--profile", default="cli", help="output folder name (default %(default)s)")
     q.add_argument("--source", default="phantom", choices=["phantom", "nifti", "h5"])
     q.add_argument("--data-root", default="$BRATS_ROOT", help="real data folder (nifti/h5)")
     q.add_argument("--volume-map", default="", help="H5 only: CSV volume,subject_id")
+    q.add_argument("--channel-order", nargs=4, default=list(MODALITIES), choices=MODALITIES,
+                   metavar="MOD", help="H5 only: the modality of each image channel (default "
+                   "%(default)s, as measured on the Kaggle files)")
     phantom_args(q, 48, 48, [96, 96, 64])
     q.add_argument("--image-size", type=int, default=64, help="slice size in the cache")
     q.add_argument("--folds", type=int, default=3, help="cross-validation folds")

@@ -9,6 +9,7 @@ import nbformat
 import pandas as pd
 import pytest
 import yaml
+from conftest import synth_subjects
 from helpers_train import tiny_config, tiny_train_data
 
 from kdlib import CLASSES
@@ -101,6 +102,54 @@ def test_prepare_prints_the_class_summary(tmp_path, monkeypatch, capsys):
     assert sorted(runs["method"]) == ["ce", "kd"]
     student = runs[runs["method"] == "kd"].iloc[0]
     assert student["teacher_model"] == "cnn_s" and student["n_test_subjects"] == 2
+
+
+SMALL = ["--image-size", "16", "--folds", "2", "--test-fraction", "0.25"]
+
+
+def test_prepare_prints_the_readers_notes_and_takes_the_channel_order(nifti_tree, h5_tree,
+                                                                      tmp_path, monkeypatch,
+                                                                      capsys):
+    monkeypatch.setenv("KDLIB_HOME", str(tmp_path / "home"))
+    tree = nifti_tree(subjects=synth_subjects(4, 4, first=352))
+    assert main(["prepare", "--source", "nifti", "--data-root", str(tree.root), *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert ("reader's notes:\n  BraTS20_Training_355: segmentation read from non-standard file "
+            "name W39_1998.09.19_Segm.nii\n") in out
+    order = ["t1", "t1ce", "t2", "flair"]
+    h5 = h5_tree(subjects=synth_subjects(4, 4), channel_order=order, parent=tmp_path / "h5")
+    argv = ["prepare", "--profile", "h5", "--source", "h5", "--data-root", str(h5.root), *SMALL]
+    assert main([*argv, "--channel-order", *order]) == 0
+    out = capsys.readouterr().out
+    assert ("reader's notes:\n  8 subjects (BraTS20_Training_001 ... BraTS20_Training_008): "
+            "grade assumes H5 volume_N is BraTS20_Training_N (unverified convention)") in out
+    assert read_manifest("h5")["dataset"]["reader"] == {"channel_order": order}
+    assert exit_code([*argv, "--channel-order", "t1", "t1", "t2", "dwi"]) == 2  # not a modality
+    assert main([*argv, "--channel-order", "t1", "t1", "t2", "flair"]) == 2
+    assert "channel_order=['t1', 't1', 't2', 'flair'] must order exactly" in capsys.readouterr().err
+
+
+def test_a_failed_prepare_leaves_the_manifest_as_it_was(nifti_tree, tmp_path, monkeypatch,
+                                                        capsys):
+    """The manifest is written only when dataset, cache and splits all succeeded."""
+    monkeypatch.setenv("KDLIB_HOME", str(tmp_path / "home"))
+    argv = ["prepare", "--profile", "p", "--source", "nifti", *SMALL, "--data-root"]
+    good = nifti_tree(n_hgg=4, n_lgg=4, parent=tmp_path / "good")
+    assert main([*argv, str(good.root)]) == 0
+    manifest = tmp_path / "home" / "runs" / "p" / "manifest.yaml"
+    before = manifest.read_bytes()
+    capsys.readouterr()
+    broken = nifti_tree(n_hgg=4, n_lgg=4, seed=1, parent=tmp_path / "broken")
+    damaged = broken.root / "BraTS20_Training_003" / "BraTS20_Training_003_t2.nii"
+    damaged.write_bytes(damaged.read_bytes()[:400])  # the cache step fails
+    assert main([*argv, str(broken.root)]) == 2
+    assert f"cannot read {damaged}" in capsys.readouterr().err
+    assert manifest.read_bytes() == before
+    other = nifti_tree(n_hgg=4, n_lgg=4, seed=2, parent=tmp_path / "other")
+    assert main([*argv[:-1], "--folds", "5", "--data-root", str(other.root)]) == 2  # splits fail
+    assert "k_folds=5" in capsys.readouterr().err
+    assert manifest.read_bytes() == before
+    assert read_manifest("p")["dataset"]["root"] == str(good.root)
 
 
 @pytest.fixture(scope="module")

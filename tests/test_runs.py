@@ -71,3 +71,21 @@ def test_method_name_tells_every_variant_apart():
     assert method_name({**base, "distiller": "kd", "task_loss": "logit_adjusted"}) == "kd+logit_adjusted"
     assert method_name({**base, "sampler": "oversample"}) == "ce+oversample"
     assert method_name({**base, "posthoc_tau": 1.0}) == "ce+posthoc"
+
+
+def test_check_resume_compares_the_cpu_thread_count(tmp_path):
+    import torch
+
+    from kdlib.runs import check_resume, execution_identity
+
+    def identity(**execution):
+        return {"config": {"lr": 0.1}, "data": {"splits": "abc"}, "execution": execution}
+
+    cpu = execution_identity(torch.device("cpu"))
+    assert cpu == {"device_type": "cpu", "autocast": False, "cpu_threads": torch.get_num_threads()}
+    saved = identity(**{**cpu, "cpu_threads": 4})
+    check_resume(saved, saved, tmp_path)
+    with pytest.raises(RunError, match=r"started with 4 CPU thread\(s\) and would continue with 2"):
+        check_resume(identity(**{**cpu, "cpu_threads": 2}), saved, tmp_path)
+    older = identity(device_type="cpu", autocast=False)  # a checkpoint from before the count
+    check_resume(identity(**{**cpu, "cpu_threads": 2}), older, tmp_path)
