@@ -131,14 +131,42 @@ def paired_tests(runs: pd.DataFrame, metrics: Sequence[str] = Q_METRICS,
     return pd.concat(parts, ignore_index=True)
 
 
+def _tests_per_fold(runs: pd.DataFrame) -> bool:
+    """True when the runs' splits are of design "cv" (each fold tests other subjects)."""
+    from kdlib.data.splits import design_of, load_splits
+    from kdlib.paths import resolve
+
+    if "splits" not in runs.columns or runs.empty:
+        return False
+    return design_of(load_splits(resolve(runs["splits"].iloc[0]))) == "cv"
+
+
+def _pool_folds(runs: pd.DataFrame, preds: dict[str, pd.DataFrame],
+                keys: list[str]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Design "cv": the k folds of a repeat test every subject once, so the fold predictions of each
+    split (keys without fold, plus repeat) pool into one out-of-fold table on a shared test set."""
+    keys = [k for k in dict.fromkeys([*keys, "repeat"]) if k != "fold" and k in runs.columns]
+    rows, pooled = [], {}
+    for key, grp in runs.groupby(keys, dropna=False, sort=False):
+        rid = "+".join(grp["run_id"])
+        pooled[rid] = pd.concat([preds[r] for r in grp["run_id"]], ignore_index=True)
+        rows.append({**dict(zip(keys, key)), "run_id": rid})
+    return pd.DataFrame(rows), pooled
+
+
 def bootstrap_table(runs: pd.DataFrame, metrics: Sequence[str] = Q_METRICS,
                     by: Sequence[str] = ("method", "ratio"),
                     pair_on: Sequence[str] = ("fold", "ratio", "seed"),
                     n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Per group: the fold-mean of each metric with a patient-bootstrap CI, and its difference to
     the CE baseline of the same folds with a paired patient-bootstrap CI (estimate/low/high and
-    diff/diff_low/diff_high)."""
+    diff/diff_low/diff_high). With "cv" splits the folds of each repeat are first pooled into
+    out-of-fold predictions (every subject once), the mean then runs over repeats and seeds."""
     preds = {row["run_id"]: run_predictions(row) for _, row in runs.iterrows()}
+    if "fold" in pair_on and _tests_per_fold(runs):
+        runs, preds = _pool_folds(runs, preds, [*by, "method", *pair_on])
+        pair_on = [c for c in dict.fromkeys([*pair_on, "repeat"])
+                   if c != "fold" and c in runs.columns]
     base = runs[runs["method"] == BASELINE].set_index(list(pair_on))
     rows = []
     for key, grp in runs.groupby(list(by), dropna=False, sort=False):

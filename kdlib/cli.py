@@ -39,14 +39,16 @@ def _prepare(args: argparse.Namespace) -> None:
     cache = workbook.make_cache(args.profile, ds, {"image_size": args.image_size,
                                                    "workers": args.workers})
     splits = workbook.make_split_file(args.profile, cache["cache"], {
-        "k_folds": args.folds, "seed": args.seed, "test_fraction": args.test_fraction})
+        "design": args.design, "k_folds": args.folds, "repeats": args.repeats,
+        "seed": args.seed, "test_fraction": args.test_fraction})
     workbook.update_manifest(args.profile, dataset=ds, **cache, **splits)
     cache, splits = cache["cache"], splits["splits"]
     table = load_slice_table(cache)
     print(f"cache:  {cache}\nsplits: {splits}\n")
     print("Subjects per grade and slices per class:")
     print(cache_summary(table).to_string())
-    print("\nSlices per class per split (fold k = validation fold k; test = held-out subjects):")
+    print("\nSlices per class per split of repeat 0 (cv: fold k = test set of the runs of fold k; "
+          "holdout: validation fold k, test = held-out subjects):")
     print(split_table(load_splits(splits), table).to_string())
 
 
@@ -122,8 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "%(default)s, as measured on the Kaggle files)")
     phantom_args(q, 48, 48, [96, 96, 64])
     q.add_argument("--image-size", type=int, default=64, help="slice size in the cache")
-    q.add_argument("--folds", type=int, default=3, help="cross-validation folds")
-    q.add_argument("--test-fraction", type=float, default=0.2, help="held-out test subjects")
+    q.add_argument("--design", default="cv", choices=["cv", "holdout"],
+                   help="repeated cross-validation, or a fixed held-out test set")
+    q.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+    q.add_argument("--repeats", type=int, default=1, help="re-drawn partitions into folds")
+    q.add_argument("--test-fraction", type=float, default=None,
+                   help="holdout only: held-out test subjects (default 0.2)")
     q.set_defaults(func=_prepare)
 
     q = sub.add_parser("train", help="train one run from a YAML TrainConfig",
