@@ -7,6 +7,7 @@ import codecs
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ LABELS = (0, 1, 2, 4)
 LABEL_TOLERANCE = 1e-3  # a float label this close to a whole number is that number
 
 
-def read_csv(path: Path, **kw) -> pd.DataFrame:
+def read_csv(path: Path, **kw: Any) -> pd.DataFrame:
     """A CSV file as UTF-8 (a byte-order mark is fine) or UTF-16 with a byte-order mark (read with
     a warning); any other encoding or a malformed file is a DataError naming the file."""
     path = Path(path)
