@@ -1,8 +1,9 @@
 """Find and read BraTS2020 training subjects: the NIfTI release and the Kaggle H5 slices.
 
 Both readers give the same `SubjectRecord` and the same `load_subject` output, so everything
-downstream is format-blind. The file layouts are described in the project's data/README.md;
-what is checked in each file is in kdlib.data.checks.
+downstream is format-blind. The file layouts are described in the README, "The real BraTS2020";
+the labels are those of the BraTS benchmark (Menze et al., IEEE TMI 2015; Bakas et al. 2018).
+What is checked in each file is in kdlib.data.checks.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from kdlib import MODALITIES
@@ -156,7 +158,6 @@ def discover_nifti(data_dir: Path) -> list[SubjectRecord]:
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The volume (header dtype, scaling applied when the header asks) and its affine."""
-    import nibabel as nib
 
     try:
         img = nib.load(str(path))

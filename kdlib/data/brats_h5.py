@@ -9,6 +9,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 
@@ -179,8 +180,6 @@ def _check_slice_counts(data_dir: Path, slices: dict[int, dict[int, Path]]) -> N
 
 
 def _read_h5_slice(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import h5py
-
     try:
         with h5py.File(path, "r") as f:
             if "image" not in f or "mask" not in f:

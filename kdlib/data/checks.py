@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -80,8 +81,6 @@ def check_no_empty_modality(image: np.ndarray, sources: Sequence[str]) -> None:
 
 
 def _axes(affine: np.ndarray) -> str:
-    import nibabel as nib
-
     return "".join(nib.aff2axcodes(affine))
 
 
