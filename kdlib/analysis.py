@@ -12,9 +12,12 @@ import pandas as pd
 import torch
 
 from kdlib import CLASSES, MINORITY, criterion
+from kdlib.data.splits import design_of, load_splits
 from kdlib.experiment import Experiment
 from kdlib.metrics import run_metrics
-from kdlib.runs import load_predictions
+from kdlib.paths import resolve
+from kdlib.predictions import class_probabilities
+from kdlib.results import load_predictions
 from kdlib.stats import bootstrap_fold_mean, compare_to_baseline, summarize_runs
 
 Q_METRICS: tuple[str, ...] = (f"f1_{MINORITY}", f"recall_{MINORITY}", f"precision_{MINORITY}",
@@ -42,8 +45,6 @@ def posthoc_predictions(pred: pd.DataFrame, class_counts: Sequence[int], tau: fl
                         ) -> pd.DataFrame:
     """A run's predictions after post-hoc logit adjustment z - tau log(pi) (Menon et al., ICLR
     2021), from its stored logits z_<class> and training class counts."""
-    from kdlib.train import class_probabilities
-
     z = torch.tensor(pred[[f"z_{c}" for c in CLASSES]].to_numpy(np.float32))
     p = class_probabilities(z, list(class_counts), tau).numpy().astype(np.float64)
     return pred.assign(**{f"p_{c}": p[:, i] for i, c in enumerate(CLASSES)})
@@ -133,9 +134,6 @@ def paired_tests(runs: pd.DataFrame, metrics: Sequence[str] = Q_METRICS,
 
 def _tests_per_fold(runs: pd.DataFrame) -> bool:
     """True when the runs' splits are of design "cv" (each fold tests other subjects)."""
-    from kdlib.data.splits import design_of, load_splits
-    from kdlib.paths import resolve
-
     if "splits" not in runs.columns or runs.empty:
         return False
     return design_of(load_splits(resolve(runs["splits"].iloc[0]))) == "cv"

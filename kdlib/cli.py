@@ -7,15 +7,29 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
+from kdlib import MODALITIES, workbook
+from kdlib.data.brats import discover
+from kdlib.data.cache import cache_summary, load_slice_table
+from kdlib.data.phantom import PhantomConfig
+from kdlib.data.phantom_files import make_phantom
+from kdlib.data.splits import load_splits, split_table
+from kdlib.data.subjects import reader_notes
+from kdlib.device import grid_devices
 from kdlib.errors import ConfigError, KdlibError
+from kdlib.experiment import Experiment, plan_path, profile_plan, record_experiment
+from kdlib.grid import load_grid, run_grid
+from kdlib.launch import launch, summary
+from kdlib.paths import profile_paths
+from kdlib.pipeline import parse_overrides, run_profile, split_overrides, strip_outputs
+from kdlib.plan import PlanEntry, plan_entry, plan_levels
+from kdlib.profiles import load_profile, profile_file
+from kdlib.slurm import SlurmSettings, slurm_executor, write_array_scripts
+from kdlib.train import fit
+from kdlib.train_config import load_train_config
 
 
 def _phantom(args: argparse.Namespace) -> None:
-    from kdlib.data.phantom import PhantomConfig
-    from kdlib.data.phantom_files import make_phantom
-
     cfg = PhantomConfig(n_hgg=args.hgg, n_lgg=args.lgg, shape=tuple(args.shape),
                         difficulty=args.difficulty, seed=args.seed, compress=args.compress,
                         write_h5=args.h5, workers=args.workers)
@@ -23,18 +37,22 @@ def _phantom(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from kdlib import workbook
-    from kdlib.data.cache import cache_summary, load_slice_table
-    from kdlib.data.splits import load_splits, split_table
-
+    """Dataset, cache and splits; the manifest is written once all three have succeeded."""
     phantom = {"n_hgg": args.hgg, "n_lgg": args.lgg, "shape": tuple(args.shape),
                    "difficulty": args.difficulty, "seed": args.seed, "workers": args.workers}
-    ds = workbook.get_dataset(args.profile, args.source, args.data_root, phantom, args.volume_map)
-    print(f"dataset: {ds['dataset']['root']} ({ds['dataset']['fmt']})")
-    cache = workbook.build_cache(args.profile, {"image_size": args.image_size, "workers": args.workers})
-    splits = workbook.build_splits(args.profile, {"design": args.design, "k_folds": args.folds,
-                                                  "repeats": args.repeats, "seed": args.seed,
-                                                  "test_fraction": args.test_fraction})
+    ds = workbook.locate_dataset(args.profile, args.source, args.data_root, phantom,
+                                 args.volume_map, args.channel_order)
+    print(f"dataset: {ds['root']} ({ds['fmt']})")
+    notes = reader_notes(discover(ds["root"], fmt=ds["fmt"], **ds["reader"]))
+    if notes:
+        print("reader's notes:\n" + "\n".join(f"  {n}" for n in notes))
+    cache = workbook.make_cache(args.profile, ds, {"image_size": args.image_size,
+                                                   "workers": args.workers})
+    splits = workbook.make_split_file(args.profile, cache["cache"], {
+        "design": args.design, "k_folds": args.folds, "repeats": args.repeats,
+        "seed": args.seed, "test_fraction": args.test_fraction})
+    workbook.update_manifest(args.profile, dataset=ds, **cache, **splits)
+    cache, splits = cache["cache"], splits["splits"]
     table = load_slice_table(cache)
     print(f"cache:  {cache}\nsplits: {splits}\n")
     print("Subjects per grade and slices per class:")
@@ -45,15 +63,10 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _runs_dir(args: argparse.Namespace) -> Path:
-    from kdlib.paths import profile_paths
-
     return args.runs_dir or profile_paths("cli").runs
 
 
 def _train(args: argparse.Namespace) -> None:
-    from kdlib.plan import plan_entry
-    from kdlib.train import fit, load_train_config
-
     if args.plan is None:
         print(fit(load_train_config(args.config), _runs_dir(args)))
         return
@@ -67,12 +80,8 @@ def _train(args: argparse.Namespace) -> None:
     print(fit(entry.config, args.runs_dir or args.plan.parent))
 
 
-def _experiment_plan(args: argparse.Namespace) -> tuple[str, list[Any]]:
+def _experiment_plan(args: argparse.Namespace) -> tuple[str, list[PlanEntry]]:
     """Record the profile's experiment (with -p overrides) and write its plan; (name, entries)."""
-    from kdlib.experiment import Experiment, profile_plan, record_experiment
-    from kdlib.pipeline import parse_overrides, profile_file, split_overrides
-    from kdlib.profiles import load_profile
-
     profile = load_profile(args.profile)
     exp_overrides, other = split_overrides(parse_overrides(args.param))
     if other:
@@ -85,9 +94,7 @@ def _experiment_plan(args: argparse.Namespace) -> tuple[str, list[Any]]:
     return profile["name"], profile_plan(profile["name"])
 
 
-def _slurm_settings(args: argparse.Namespace) -> Any:
-    from kdlib.slurm import SlurmSettings
-
+def _slurm_settings(args: argparse.Namespace) -> SlurmSettings:
     return SlurmSettings(partition=args.partition, gpus_per_node=args.gpus_per_node,
                          cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
                          time_min=args.time, account=args.account, qos=args.qos,
@@ -96,11 +103,6 @@ def _slurm_settings(args: argparse.Namespace) -> Any:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from kdlib.experiment import plan_path
-    from kdlib.paths import profile_paths
-    from kdlib.plan import plan_levels
-    from kdlib.slurm import write_array_scripts
-
     name, entries = _experiment_plan(args)
     levels = plan_levels(entries)
     train, submit = write_array_scripts(entries, plan_path(name),
@@ -112,12 +114,6 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _launch(args: argparse.Namespace) -> None:
-    from kdlib import workbook
-    from kdlib.launch import launch, summary
-    from kdlib.paths import profile_paths
-    from kdlib.profiles import load_profile
-    from kdlib.slurm import slurm_executor
-
     name, entries = _experiment_plan(args)
     runs_dir = profile_paths(name).runs
     if args.executor == "slurm":
@@ -127,7 +123,8 @@ def _launch(args: argparse.Namespace) -> None:
                          poll_s=args.poll, check=False)
     else:
         workers = args.workers or load_profile(args.profile)["parameters"].get("workers", 1)
-        devices = args.devices or workbook.grid_devices(args.device, workers)
+        devices = args.devices or grid_devices(args.device, workers, args.runs_per_device,
+                                               configs=[e.config for e in entries])
         results = launch(entries, runs_dir, devices=devices, check=False)
     print(summary(results))
     if any(r.status in ("failed", "skipped") for r in results.values()):
@@ -136,23 +133,17 @@ def _launch(args: argparse.Namespace) -> None:
 
 
 def _grid(args: argparse.Namespace) -> None:
-    from kdlib.grid import load_grid, run_grid
-
     for path in run_grid(load_grid(args.config), _runs_dir(args), devices=args.devices):
         print(path)
 
 
 def _run(args: argparse.Namespace) -> None:
-    from kdlib.pipeline import parse_overrides, run_profile
-
     done = run_profile(args.profile, only=args.only, overrides=parse_overrides(args.param),
                        log_output=not args.quiet)
     print("\nexecuted notebooks:\n" + "\n".join(f"  {p}" for p in done))
 
 
 def _strip(args: argparse.Namespace) -> None:
-    from kdlib.pipeline import strip_outputs
-
     for path in args.notebooks:
         print(f"{'stripped' if strip_outputs(path) else 'clean   '} {path}")
 
@@ -182,12 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_phantom)
 
     q = sub.add_parser("prepare", help="dataset -> slice cache -> splits, and print the summary",
-                       description="Generate (or locate) the dataset, build the slice cache and the "
-                                   "subject-level splits of a profile, and print class tables.")
+                       description="Generate (or locate) the dataset, print the readers' notes, "
+                                   "build the slice cache and the subject-level splits of a "
+                                   "profile, record them in its manifest once all succeeded, and "
+                                   "print class tables.")
     q.add_argument("--profile", default="cli", help="output folder name (default %(default)s)")
     q.add_argument("--source", default="phantom", choices=["phantom", "nifti", "h5"])
     q.add_argument("--data-root", default="$BRATS_ROOT", help="real data folder (nifti/h5)")
     q.add_argument("--volume-map", default="", help="H5 only: CSV volume,subject_id")
+    q.add_argument("--channel-order", nargs=4, default=list(MODALITIES), choices=MODALITIES,
+                   metavar="MOD", help="H5 only: the modality of each image channel (default "
+                   "%(default)s, as measured on the Kaggle files)")
     phantom_args(q, 48, 48, [96, 96, 64])
     q.add_argument("--image-size", type=int, default=64, help="slice size in the cache")
     q.add_argument("--design", default="cv", choices=["cv", "holdout"],
@@ -274,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=None,
                    help="without --devices, on the CPU: parallel worker processes (default: the "
                         "profile's `workers`, else 1)")
+    g.add_argument("--runs-per-device", type=int, default=None,
+                   help="without --devices, on GPUs: runs trained at once per GPU (default: "
+                        "from its free memory and the largest run)")
     slurm_args(q)
     q.add_argument("--poll", type=float, default=30.0,
                    help="slurm: seconds between checks of the running jobs (default 30)")

@@ -11,8 +11,8 @@ from typing import Any
 
 from kdlib.config import read_yaml, to_dict
 from kdlib.errors import ConfigError
+from kdlib.identity import canonical, run_id
 from kdlib.launch import run_configs
-from kdlib.runs import canonical, run_id
 from kdlib.train_config import TrainConfig, load_train_config
 
 GRID_KEYS = ("base", "grid", "teachers", "students", "match")

@@ -28,8 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from kdlib.errors import RunError
+from kdlib.identity import run_id
 from kdlib.plan import PlanEntry, make_plan
-from kdlib.runs import is_finished, run_id
+from kdlib.runs import is_finished
 from kdlib.train import fit
 from kdlib.train_config import TrainConfig, load_train_config
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlib.errors import ConfigError, KdlibError
-from kdlib.runs import run_id
+from kdlib.identity import run_id
 from kdlib.train_config import TrainConfig, load_train_config
 
 PLAN_FILE = "plan.jsonl"

@@ -1,5 +1,6 @@
-"""The notebooks' data steps: get a dataset, build its slice cache and splits, and record them in
-the profile's manifest (`runs/<profile>/manifest.yaml`) so later notebooks find them."""
+"""The notebooks' data steps and the profile's manifest: get a dataset, build its slice cache and
+splits, and record them in `runs/<profile>/manifest.yaml` so later notebooks find them (what the
+data look like: kdlib.summaries)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import yaml
 
 from kdlib import MODALITIES
@@ -18,13 +17,22 @@ from kdlib.config import check_choice, from_dict, to_dict
 from kdlib.data.cache import PrepConfig, load_slice_table, prepare_cache
 from kdlib.data.phantom import PhantomConfig
 from kdlib.data.phantom_files import make_phantom
-from kdlib.data.splits import SplitConfig, load_splits, make_splits, save_splits, subject_table
+from kdlib.data.splits import (
+    SplitConfig,
+    load_splits,
+    make_splits,
+    save_splits,
+    split_pairs,
+    subject_table,
+)
 from kdlib.errors import ConfigError, DataError
-from kdlib.paths import ProfilePaths, profile_paths, resolve
-from kdlib.runs import portable_path, write_yaml
+from kdlib.paths import ProfilePaths, portable_path, profile_paths, resolve
+from kdlib.runs import write_yaml
 
 SOURCES = ("phantom", "nifti", "h5")
 MANIFEST = "manifest.yaml"
+DEPENDENTS = {"dataset": ("cache", "prep", "splits", "split"), "cache": ("splits", "split")}
+"""Manifest entries made from another: dropped when that one changes, so no step uses stale data."""
 
 
 def _map_paths(data: dict[str, Any], fn) -> dict[str, Any]:
@@ -51,10 +59,16 @@ def read_manifest(profile: str) -> dict[str, Any]:
 
 def update_manifest(profile: str, **entries: Any) -> dict[str, Any]:
     """Merge `entries` into the profile's manifest, written atomically; returns the whole manifest.
-    Paths under the output root are stored relative to it, so the project can move."""
+    A changed dataset or cache drops the entries made from the old one (DEPENDENTS). Paths under
+    the output root are stored relative to it, so the project can move."""
     paths = profile_paths(profile).make()
     path = paths.runs / MANIFEST
     data = _read(path) if path.is_file() else {}
+    for key, value in entries.items():
+        old = _map_paths({key: data.get(key)}, portable_path)
+        if key in data and old != _map_paths({key: value}, portable_path):
+            for stale in DEPENDENTS.get(key, ()):
+                data.pop(stale, None)
     data.update(entries)
     write_yaml(path, _map_paths(data, portable_path))
     return data
@@ -73,7 +87,23 @@ def get_dataset(
     channel_order: list[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Generate the synthetic dataset (source="phantom") or locate real BraTS2020 files; record it.
+    """Generate the synthetic dataset (source="phantom") or locate real BraTS2020 files, and record
+    it in the manifest (see `locate_dataset`); returns the manifest."""
+    dataset = locate_dataset(profile, source, data_root, phantom, volume_map, channel_order,
+                             progress)
+    return update_manifest(profile, dataset=dataset)
+
+
+def locate_dataset(
+    profile: str,
+    source: str = "phantom",
+    data_root: str = "",
+    phantom: dict[str, Any] | None = None,
+    volume_map: str = "",
+    channel_order: list[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The manifest's `dataset` entry (source, root, fmt, reader settings), recording nothing.
 
     The phantom goes to data/synthetic/<hash of its settings>/ and is reused when complete.
     Real data: `data_root` (env vars expand, e.g. $BRATS_ROOT) holding the NIfTI or H5 layout;
@@ -104,8 +134,7 @@ def get_dataset(
             reader["channel_order"] = list(channel_order or MODALITIES)
             if volume_map:
                 reader["volume_map"] = str(resolve(volume_map))
-    return update_manifest(profile, dataset={"source": source, "root": str(root), "fmt": fmt,
-                                             "reader": reader})
+    return {"source": source, "root": str(root), "fmt": fmt, "reader": reader}
 
 
 def build_cache(profile: str, prep: dict[str, Any] | None = None, progress: bool = True) -> Path:
@@ -113,12 +142,19 @@ def build_cache(profile: str, prep: dict[str, Any] | None = None, progress: bool
     man = read_manifest(profile)
     if "dataset" not in man:
         raise DataError(f"profile {profile!r} has no dataset yet: run get_dataset (notebook 00) first")
-    ds = man["dataset"]
+    entries = make_cache(profile, man["dataset"], prep, progress)
+    update_manifest(profile, **entries)
+    return Path(entries["cache"])
+
+
+def make_cache(profile: str, dataset: dict[str, Any], prep: dict[str, Any] | None = None,
+               progress: bool = True) -> dict[str, Any]:
+    """Build (or reuse) the slice cache of `dataset`; returns the manifest entries `cache` and
+    `prep`, recording nothing."""
     cfg = from_dict(PrepConfig, prep or {}, "preprocessing settings")
-    cache = prepare_cache(ds["root"], profile_paths(profile).data / "cache", cfg, fmt=ds["fmt"],
-                          progress=progress, **ds.get("reader", {}))
-    update_manifest(profile, cache=str(cache), prep=to_dict(cfg))
-    return cache
+    cache = prepare_cache(dataset["root"], profile_paths(profile).data / "cache", cfg,
+                          fmt=dataset["fmt"], progress=progress, **dataset.get("reader", {}))
+    return {"cache": str(cache), "prep": to_dict(cfg)}
 
 
 def build_splits(profile: str, split: dict[str, Any] | None = None) -> Path:
@@ -127,16 +163,24 @@ def build_splits(profile: str, split: dict[str, Any] | None = None) -> Path:
     man = read_manifest(profile)
     if "cache" not in man:
         raise DataError(f"profile {profile!r} has no slice cache yet: run build_cache (notebook 00)")
+    entries = make_split_file(profile, man["cache"], split)
+    update_manifest(profile, **entries)
+    return Path(entries["splits"])
+
+
+def make_split_file(profile: str, cache: str | Path, split: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """Make (or reuse) the splits of the subjects in `cache`; returns the manifest entries
+    `splits` and `split`, recording nothing."""
     cfg = from_dict(SplitConfig, split or {}, "split settings")
-    subjects = subject_table(load_slice_table(man["cache"]))
+    subjects = subject_table(load_slice_table(cache))
     key = _short_hash({"split": to_dict(cfg), "subjects": subjects.values.tolist()})
     path = profile_paths(profile).runs / f"splits_{key}.csv"
     if path.is_file():
         load_splits(path)  # re-checks leakage
     else:
         save_splits(make_splits(subjects, cfg), path)
-    update_manifest(profile, splits=str(path), split=to_dict(cfg))
-    return path
+    return {"splits": str(path), "split": to_dict(cfg)}
 
 
 def data_settings(profile: str) -> dict[str, str]:
@@ -152,103 +196,8 @@ def paths(profile: str) -> ProfilePaths:
     return profile_paths(profile).make()
 
 
-def read_slices(cache_h5: str | Path, rows: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Images (n, 4, S, S) float32 and masks (n, S, S) of the given cache rows, in the order given."""
-    import h5py
-
-    unique, back = np.unique(np.asarray(rows, dtype=int), return_inverse=True)  # h5py: increasing
-    with h5py.File(cache_h5, "r") as f:
-        images = f["images"][unique].astype(np.float32)
-        masks = f["masks"][unique]
-    return images[back], masks[back]
-
-
-def sample_rows(table: pd.DataFrame, per_class: int, seed: int = 0) -> pd.DataFrame:
-    """Up to `per_class` random slices of each class of a slice table (for plots)."""
-    parts = [g.sample(min(per_class, len(g)), random_state=seed) for _, g in table.groupby("label")]
-    return pd.concat(parts).sort_values("row") if parts else table.iloc[:0]
-
-
-def fold_overview(splits: pd.DataFrame, table: pd.DataFrame, ratios: list[float | None],
-                  seed: int = 0) -> pd.DataFrame:
-    """Per repeat, fold and training ratio: subjects per set, achieved HGG:LGG ratio, training
-    slices per class, and the leakage check (every set pair disjoint) as it runs for training."""
-    from kdlib import CLASSES
-    from kdlib.data.splits import achieved_ratio, check_no_leakage, fold_subjects, split_pairs
-
-    rows = []
-    for repeat, fold in split_pairs(splits):
-        for ratio in ratios:
-            sets = fold_subjects(splits, fold, ratio, seed, repeat)
-            check_no_leakage(sets)  # raises DataError naming the subjects if any leak
-            train = table[table["subject_id"].isin(sets["train"])]
-            counts = train["label"].value_counts()
-            rows.append({"repeat": repeat, "fold": fold,
-                         "target_ratio": "natural" if ratio is None else ratio,
-                         "achieved_ratio": round(achieved_ratio(splits, sets["train"]), 2),
-                         "train_subjects": len(sets["train"]), "val_subjects": len(sets["val"]),
-                         "test_subjects": len(sets["test"]),
-                         **{f"train_{c}": int(counts.get(c, 0)) for c in CLASSES},
-                         "leakage": "none"})
-    return pd.DataFrame(rows)
-
-
-def split_labels(splits: pd.DataFrame, table: pd.DataFrame, repeat: int = 0) -> pd.DataFrame:
-    """The slice table with a `split` column, `test` or `fold k`, as repeat `repeat` of the splits
-    assigns the subjects (for class-distribution plots)."""
-    from kdlib.data.splits import TEST_FOLD, split_table
-
-    split_table(splits, table.iloc[:0], repeat)  # a clear error for a repeat not in the splits
-    part = splits[splits["repeat"] == repeat]
-    name = {f: ("test" if f == TEST_FOLD else f"fold {f}") for f in part["fold"].unique()}
-    merged = table.merge(part[["subject_id", "fold"]], on="subject_id")
-    return merged.assign(split=merged["fold"].map(name))
-
-
-def intensity_stats(images: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
-    """Mean and std of brain (non-zero) pixel intensities per modality and slice class."""
-    from kdlib import CLASSES, MODALITIES
-
-    rows = []
-    for c in CLASSES:
-        for i, m in enumerate(MODALITIES):
-            v = images[labels == c, i]
-            v = v[v != 0]
-            rows.append({"modality": m, "class": c, "mean": v.mean() if v.size else np.nan,
-                         "std": v.std() if v.size else np.nan})
-    return pd.DataFrame(rows).pivot(index="modality", columns="class", values=["mean", "std"])
-
-
 def split_folds(profile: str) -> dict[str, list[int]]:
     """The repeats and folds of the profile's splits (the holdout test set excluded), as
     `Experiment.configs(..., folds=, repeats=)` takes them."""
-    from kdlib.data.splits import split_pairs
-
     pairs = split_pairs(load_splits(data_settings(profile)["splits"]))
     return {"repeats": sorted({r for r, _ in pairs}), "folds": sorted({f for _, f in pairs})}
-
-
-def grid_devices(device: str = "auto", workers: int = 1) -> list[str] | None:
-    """The `devices` of run_grid: on a GPU machine (device auto/cuda) None, i.e. one process per
-    GPU; on the CPU `workers` single-threaded processes (small CNNs train faster that way than
-    with one multi-threaded process), or None for one in-process run at a time."""
-    import torch
-
-    if workers < 1:
-        raise ConfigError(f"workers={workers!r} must be >= 1")
-    if device.startswith("cuda:"):
-        return [device]  # that GPU only, not every GPU of the machine
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    return ["cpu"] * workers if on_cpu and workers > 1 else None
-
-
-def tumour_regions(table: pd.DataFrame) -> pd.DataFrame:
-    """Per grade: each BraTS sub-region's share of the tumour pixels of the tumour slices, and the
-    number of tumour slices per subject (from a slice table)."""
-    tumour = table[table["label"] != "healthy"]
-    regions = tumour.groupby("grade")[["ncr_pixels", "ed_pixels", "et_pixels"]].sum()
-    regions = regions.div(regions.sum(axis=1), axis=0)
-    regions.columns = ["NCR/NET (1)", "edema (2)", "enhancing (4)"]
-    regions["tumour slices / subject"] = (tumour.groupby("grade").size()
-                                          / table.groupby("grade")["subject_id"].nunique())
-    return regions

@@ -10,16 +10,18 @@ import pandas as pd
 import pytest
 import submitit
 import yaml
+from conftest import synth_subjects
 from helpers_train import tiny_config, tiny_train_data
 
 from kdlib import CLASSES
 from kdlib.cli import build_parser, main
 from kdlib.data.cache import cache_summary, load_slice_table
 from kdlib.data.splits import load_splits
+from kdlib.identity import run_id
 from kdlib.plan import read_plan
-from kdlib.runs import load_runs, run_id
+from kdlib.results import load_runs
 from kdlib.slurm import SlurmSettings
-from kdlib.train import TrainConfig
+from kdlib.train_config import TrainConfig
 from kdlib.workbook import read_manifest, update_manifest
 
 SUBCOMMANDS = ["phantom", "prepare", "train", "grid", "plan", "launch", "run", "strip"]
@@ -110,6 +112,54 @@ def test_prepare_prints_the_class_summary(tmp_path, monkeypatch, capsys):
     assert sorted(runs["method"]) == ["ce", "kd"]
     student = runs[runs["method"] == "kd"].iloc[0]
     assert student["teacher_model"] == "cnn_s" and student["n_test_subjects"] == 2
+
+
+SMALL = ["--image-size", "16", "--folds", "3"]
+
+
+def test_prepare_prints_the_readers_notes_and_takes_the_channel_order(nifti_tree, h5_tree,
+                                                                      tmp_path, monkeypatch,
+                                                                      capsys):
+    monkeypatch.setenv("KDLIB_HOME", str(tmp_path / "home"))
+    tree = nifti_tree(subjects=synth_subjects(4, 4, first=352))
+    assert main(["prepare", "--source", "nifti", "--data-root", str(tree.root), *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert ("reader's notes:\n  BraTS20_Training_355: segmentation read from non-standard file "
+            "name W39_1998.09.19_Segm.nii\n") in out
+    order = ["t1", "t1ce", "t2", "flair"]
+    h5 = h5_tree(subjects=synth_subjects(4, 4), channel_order=order, parent=tmp_path / "h5")
+    argv = ["prepare", "--profile", "h5", "--source", "h5", "--data-root", str(h5.root), *SMALL]
+    assert main([*argv, "--channel-order", *order]) == 0
+    out = capsys.readouterr().out
+    assert ("reader's notes:\n  8 subjects (BraTS20_Training_001 ... BraTS20_Training_008): "
+            "grade assumes H5 volume_N is BraTS20_Training_N (unverified convention)") in out
+    assert read_manifest("h5")["dataset"]["reader"] == {"channel_order": order}
+    assert exit_code([*argv, "--channel-order", "t1", "t1", "t2", "dwi"]) == 2  # not a modality
+    assert main([*argv, "--channel-order", "t1", "t1", "t2", "flair"]) == 2
+    assert "channel_order=['t1', 't1', 't2', 'flair'] must order exactly" in capsys.readouterr().err
+
+
+def test_a_failed_prepare_leaves_the_manifest_as_it_was(nifti_tree, tmp_path, monkeypatch,
+                                                        capsys):
+    """The manifest is written only when dataset, cache and splits all succeeded."""
+    monkeypatch.setenv("KDLIB_HOME", str(tmp_path / "home"))
+    argv = ["prepare", "--profile", "p", "--source", "nifti", *SMALL, "--data-root"]
+    good = nifti_tree(n_hgg=4, n_lgg=4, parent=tmp_path / "good")
+    assert main([*argv, str(good.root)]) == 0
+    manifest = tmp_path / "home" / "runs" / "p" / "manifest.yaml"
+    before = manifest.read_bytes()
+    capsys.readouterr()
+    broken = nifti_tree(n_hgg=4, n_lgg=4, seed=1, parent=tmp_path / "broken")
+    damaged = broken.root / "BraTS20_Training_003" / "BraTS20_Training_003_t2.nii"
+    damaged.write_bytes(damaged.read_bytes()[:400])  # the cache step fails
+    assert main([*argv, str(broken.root)]) == 2
+    assert f"cannot read {damaged}" in capsys.readouterr().err
+    assert manifest.read_bytes() == before
+    other = nifti_tree(n_hgg=4, n_lgg=4, seed=2, parent=tmp_path / "other")
+    assert main([*argv[:-1], "--folds", "5", "--data-root", str(other.root)]) == 2  # splits fail
+    assert "k_folds=5" in capsys.readouterr().err
+    assert manifest.read_bytes() == before
+    assert read_manifest("p")["dataset"]["root"] == str(good.root)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +254,7 @@ def test_launch_on_slurm_hands_the_settings_to_submitit(tiny_profile, tmp_path, 
         seen.update(folder=folder, settings=settings, name=name)
         return submitit.DebugExecutor(folder)
 
-    monkeypatch.setattr("kdlib.slurm.slurm_executor", stand_in)
+    monkeypatch.setattr("kdlib.cli.slurm_executor", stand_in)
     argv = ["launch", "--profile", str(tiny_profile), "--executor", "slurm", "--partition", "gpu",
             "--gpus-per-node", "2", "--cpus-per-task", "1", "--mem-gb", "16", "--time", "45",
             "--account", "lab", "--max-parallel", "4", "--poll", "0.01"]

@@ -22,9 +22,10 @@ from helpers_train import tiny_config, tiny_train_data
 from kdlib import launch as L
 from kdlib.errors import RunError
 from kdlib.experiment import Experiment
+from kdlib.identity import run_id
 from kdlib.launch import RunResult, TrainTask, launch, summary
 from kdlib.plan import make_plan
-from kdlib.runs import load_history, load_metrics, run_id
+from kdlib.results import load_history, load_metrics
 from kdlib.train import TrainConfig, fit
 
 FAKE = ("data/c.h5", "runs/x/splits.csv")  # configs of the hand-driven tests: never trained

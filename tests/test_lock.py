@@ -20,8 +20,10 @@ from helpers_train import tiny_config, tiny_train_data
 
 from kdlib import lock
 from kdlib.errors import RunError
+from kdlib.identity import run_id
 from kdlib.lock import lock_path, read_holder, run_lock
-from kdlib.runs import RUN_FILES, load_history, load_metrics, load_predictions, run_id
+from kdlib.results import load_history, load_metrics, load_predictions
+from kdlib.runs import RUN_FILES
 from kdlib.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ import pytest
 from helpers_train import tiny_config
 
 from kdlib.errors import ConfigError
+from kdlib.identity import run_id
 from kdlib.plan import PlanEntry, make_plan, plan_entry, plan_levels, read_plan, write_plan
-from kdlib.runs import run_id
 from kdlib.train import TrainConfig
 
 CACHE, SPLITS = "data/c.h5", "runs/x/splits.csv"  # never opened

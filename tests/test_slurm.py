@@ -13,9 +13,10 @@ import pytest
 from helpers_train import tiny_config, tiny_train_data
 
 from kdlib.errors import ConfigError, RunError
+from kdlib.identity import run_id
 from kdlib.paths import output_root, project_root
 from kdlib.plan import make_plan, write_plan
-from kdlib.runs import is_finished, run_id
+from kdlib.runs import is_finished
 from kdlib.slurm import SlurmSettings, slurm_executor, write_array_scripts
 from kdlib.train import TrainConfig
 

@@ -20,13 +20,18 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 import kdlib
 from kdlib import CLASSES, GRADES, MODALITIES
 from kdlib.config import check_choice, check_range, to_dict
 from kdlib.data.brats import SubjectRecord, discover, load_subject
+from kdlib.data.processes import exit_with_parent, remove_stale_temps, temp_name
 from kdlib.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -129,9 +134,6 @@ def resize_slices(image: np.ndarray, seg: np.ndarray, size: int) -> tuple[np.nda
 
     Images: bilinear with antialiasing (a real resampling, unlike np.resize); masks: nearest.
     """
-    import torch
-    import torch.nn.functional as F
-
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(3, 0, 1, 2)))
     m = torch.from_numpy(np.ascontiguousarray(seg.transpose(2, 0, 1)[:, None].astype(np.float32)))
     if x.shape[-1] != size or x.shape[-2] != size:
@@ -190,9 +192,8 @@ def process_subject(
 
 
 def _init_worker() -> None:
-    import torch
-
     torch.set_num_threads(1)
+    exit_with_parent()
 
 
 # ---------------------------------------------------------------- the cache file
@@ -215,7 +216,6 @@ def cache_key(records: list[SubjectRecord], prep: PrepConfig) -> str:
 
 
 def _is_complete(h5_path: Path) -> bool:
-    import h5py
 
     if not (h5_path.is_file() and h5_path.with_suffix(".csv").is_file()):
         return False
@@ -239,12 +239,10 @@ def prepare_cache(
 
     The file name holds a hash of the source files and settings, so a second call with the same
     data and settings returns at once. Written under temporary names and renamed at the end
-    (CSV first, H5 last), so an interrupted build never leaves a cache that looks complete.
+    (CSV first, H5 last), so an interrupted build never leaves a cache that looks complete; the
+    temporary files of a killed build are removed by the next call.
     reader_kw (channel_order, volume_map) go to `discover`.
     """
-    import h5py
-    from tqdm.auto import tqdm
-
     records = discover(root, fmt=fmt, **reader_kw)
     reader = {
         k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
@@ -252,12 +250,12 @@ def prepare_cache(
     }
     out_dir = Path(out_dir)
     final = out_dir / f"cache_{cache_key(records, prep)}.h5"
+    remove_stale_temps(out_dir, "cache_*")
     if _is_complete(final):
         log.info("reusing slice cache %s", final)
         return final
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_h5 = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    tmp_csv = final.with_name(f"{final.stem}.csv.tmp-{os.getpid()}")
+    tmp_h5, tmp_csv = temp_name(final), temp_name(final.with_suffix(".csv"))
     S, t0 = prep.image_size, time.perf_counter()
     try:
         tables, n = [], 0
@@ -348,7 +346,6 @@ def _run(records: list[SubjectRecord], prep: PrepConfig):
 
 def load_slice_table(cache_h5: str | Path) -> pd.DataFrame:
     """The slice table (CSV beside the cache, same stem), checked against the cache's row count."""
-    import h5py
 
     cache_h5 = Path(cache_h5)
     csv = cache_h5.with_suffix(".csv")
