@@ -9,7 +9,9 @@ import json
 import nbformat
 import pandas as pd
 import pytest
+import yaml
 
+from kdlib.experiment import Experiment
 from kdlib.paths import project_root
 from kdlib.pipeline import list_notebooks, load_profile, notebook_parameters, plan_run, run_profile
 
@@ -48,13 +50,15 @@ def test_every_parameter_is_typed_commented_and_seen_by_papermill(path):
     assert "profile" in seen
 
 
-def test_parameters_shared_by_notebooks_have_the_same_default():
-    defaults: dict[str, dict[str, str]] = {}
-    for path in NOTEBOOKS:
-        for name, info in notebook_parameters(path).items():
-            defaults.setdefault(name, {})[path.stem] = info["default"]
-    differ = {k: v for k, v in defaults.items() if len(set(v.values())) > 1}
-    assert not differ, f"shared parameters with different defaults: {differ}"
+@pytest.mark.parametrize("path", NOTEBOOKS[2:], ids=lambda p: p.stem)
+def test_training_and_analysis_notebooks_take_the_experiment_from_the_profile(path):
+    """02-04 declare no experiment setting: they read the recorded experiment and its plan."""
+    declared = set(notebook_parameters(path))
+    assert not declared & set(Experiment.__dataclass_fields__)
+    source = "".join(c.source for c in nbformat.read(path, as_version=4).cells)
+    assert "load_experiment(profile)" in source
+    assert ("read_profile_plan(profile)" if path.stem.startswith("04") else
+            "profile_plan(profile)") in source
 
 
 @pytest.mark.parametrize("name", PROFILES)
@@ -94,6 +98,12 @@ def test_smoke_chain_runs_every_notebook_and_writes_every_figure(tmp_path, monke
     assert "Question 1" in answers and "Question 2" in answers
     assert "Declared family *Q1 primary*: 20 hypotheses" in answers  # smoke: 5 x 2 x 2
     assert "5 folds x 1 repeat x 1 seed" in answers and "What the design supports" in answers
+
+    # the experiment recorded by the runner, and the plan notebooks 02-04 used
+    runs_dir = tmp_path / "runs" / "smoke"
+    man = yaml.safe_load((runs_dir / "manifest.yaml").read_text())
+    assert man["experiment"] == Experiment.from_profile("smoke").to_dict()
+    assert len((runs_dir / "plan.jsonl").read_text().splitlines()) == man["plan"]["runs"]
 
     # rerunning resumes: every training run is found finished, none is trained again
     runs = sorted(p.name for p in (tmp_path / "runs" / "smoke").iterdir() if p.is_dir())
