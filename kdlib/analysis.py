@@ -3,9 +3,11 @@ bootstraps, and the sentences that report them (every number comes from the run 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,13 +15,24 @@ import torch
 
 from kdlib import CLASSES, MINORITY, criterion
 from kdlib.experiment import Experiment
-from kdlib.metrics import run_metrics
+from kdlib.bootstrap import RunCounts, patient_bootstrap, run_counts
+from kdlib.metrics import check_predictions, run_metrics
 from kdlib.runs import load_predictions
-from kdlib.stats import bootstrap_fold_mean, compare_to_baseline, summarize_runs
+from kdlib.errors import DataError
+from kdlib.stats import (
+    check_boot_settings,
+    check_metrics,
+    check_same_test_set,
+    compare_to_baseline,
+    summarize_runs,
+)
 
 Q_METRICS: tuple[str, ...] = (f"f1_{MINORITY}", f"recall_{MINORITY}", f"precision_{MINORITY}",
                               "macro_f1", "balanced_accuracy", "patient_balanced_accuracy")
 """The metrics both questions are judged on (minority F1 first)."""
+
+PER_CLASS_F1: tuple[str, ...] = tuple(f"f1_{c}" for c in CLASSES)
+"""F1 of each class (the per-class figure)."""
 
 BASELINE = "ce"
 POSTHOC = "ce+posthoc"
@@ -131,37 +144,85 @@ def paired_tests(runs: pd.DataFrame, metrics: Sequence[str] = Q_METRICS,
     return pd.concat(parts, ignore_index=True)
 
 
+@functools.lru_cache(maxsize=4096)
+def _counts(path: str, tau: float | None, class_counts: tuple, stamp: tuple) -> RunCounts:
+    """The bootstrap's per-patient sums of one run's (post-hoc adjusted) predictions; `stamp`
+    (size and mtime of predictions.csv) makes a rewritten file a new entry."""
+    pred = load_predictions(path)
+    if tau is not None:
+        pred = posthoc_predictions(pred, class_counts, tau)
+    return run_counts(check_predictions(pred, f"{path}/predictions.csv"))
+
+
+def run_counts_of(row: pd.Series) -> RunCounts:
+    """kdlib.bootstrap.RunCounts of a run-table row (as run_predictions), computed once per file."""
+    tau = row.get("derived_posthoc_tau")
+    tau = None if tau is None or pd.isna(tau) else float(tau)
+    counts = tuple(int(row[f"train_n_{c}"]) for c in CLASSES) if tau is not None else ()
+    st = (Path(row["path"]) / "predictions.csv").stat()
+    return _counts(str(row["path"]), tau, counts, (st.st_size, st.st_mtime_ns))
+
+
 def bootstrap_table(runs: pd.DataFrame, metrics: Sequence[str] = Q_METRICS,
                     by: Sequence[str] = ("method", "ratio"),
                     pair_on: Sequence[str] = ("fold", "ratio", "seed"),
                     n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Per group: the fold-mean of each metric with a patient-bootstrap CI, and its difference to
     the CE baseline of the same folds with a paired patient-bootstrap CI (estimate/low/high and
-    diff/diff_low/diff_high)."""
-    preds = {row["run_id"]: run_predictions(row) for _, row in runs.iterrows()}
+    diff/diff_low/diff_high). Every group uses the same patient draws (seed), all in one pass."""
+    check_boot_settings(n_boot)
+    metrics = list(dict.fromkeys(check_metrics(metrics)))  # each metric once
+    counts = {row["run_id"]: run_counts_of(row) for _, row in runs.iterrows()}
     base = runs[runs["method"] == BASELINE].set_index(list(pair_on))
-    rows = []
+    groups = []
     for key, grp in runs.groupby(list(by), dropna=False, sort=False):
-        key = key if isinstance(key, tuple) else (key,)
-        ours = [preds[r] for r in grp["run_id"]]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            level = bootstrap_fold_mean(ours, None, metrics, n_boot, seed=seed)
-            matched = [base.loc[tuple(k)]["run_id"] for k in grp[list(pair_on)].itertuples(index=False)
-                       if tuple(k) in base.index]
-            diff = None
-            if len(matched) == len(grp) and grp["method"].iloc[0] != BASELINE:
-                diff = bootstrap_fold_mean(ours, [preds[r] for r in matched], metrics, n_boot,
-                                           seed=seed).set_index("metric")
-        for _, lv in level.iterrows():
-            d = diff.loc[lv["metric"]] if diff is not None else None
-            rows.append({**dict(zip(by, key)), "metric": lv["metric"], "estimate": lv["estimate"],
+        ours = list(grp["run_id"])
+        matched = [base.loc[tuple(k)]["run_id"] for k in grp[list(pair_on)].itertuples(index=False)
+                   if tuple(k) in base.index]
+        diff = matched if len(matched) == len(grp) and grp["method"].iloc[0] != BASELINE else []
+        _check_test_set(runs, counts, ours + diff)
+        groups.append((key if isinstance(key, tuple) else (key,), ours, diff))
+    by_test_set: dict[str, list[int]] = {}
+    for g, (_, ours, _) in enumerate(groups):
+        by_test_set.setdefault("\n".join(counts[ours[0]].keys), []).append(g)
+    level, gain = {}, {}
+    for members in by_test_set.values():
+        ids = list(dict.fromkeys(r for g in members for r in groups[g][1] + groups[g][2]))
+        at = {r: i for i, r in enumerate(ids)}
+        estimands, where = [], []
+        for g in members:
+            _, ours, diff = groups[g]
+            estimands.append(([at[r] for r in ours], []))
+            where.append((level, g))
+            if diff:
+                estimands.append(([at[r] for r in ours], [at[r] for r in diff]))
+                where.append((gain, g))
+        out = patient_bootstrap([counts[r] for r in ids], estimands, metrics, n_boot,
+                                seed=seed)
+        for e, part in out.groupby("estimand"):
+            table, g = where[e]
+            table[g] = part.set_index("metric")
+    rows = []
+    for g, (key, ours, _) in enumerate(groups):
+        for m, lv in level[g].iterrows():
+            d = gain[g].loc[m] if g in gain else None
+            rows.append({**dict(zip(by, key)), "metric": m, "estimate": lv["estimate"],
                          "low": lv["low"], "high": lv["high"],
                          "diff": np.nan if d is None else d["estimate"],
                          "diff_low": np.nan if d is None else d["low"],
                          "diff_high": np.nan if d is None else d["high"],
-                         "n_runs": len(grp), "n_patients": lv["n_patients"]})
+                         "n_runs": len(ours), "n_patients": lv["n_patients"]})
     return pd.DataFrame(rows)
+
+
+def _check_test_set(runs: pd.DataFrame, counts: dict[str, RunCounts], ids: list[str]) -> None:
+    """DataError (naming the runs) unless the runs `ids` were tested on the same slices."""
+    first = counts[ids[0]].keys
+    for rid in ids[1:]:
+        if not np.array_equal(counts[rid].keys, first):
+            a, b = (runs[runs["run_id"] == r].iloc[0] for r in (ids[0], rid))
+            check_same_test_set(run_predictions(a), run_predictions(b), (ids[0], rid))
+            raise DataError(f"runs {ids[0]} and {rid} were tested on different slices")
 
 
 def _fmt_ratio(r) -> str:

@@ -4,7 +4,9 @@ numbers, on synthetic run tables, fake run folders and a tiny trained run set.""
 from __future__ import annotations
 
 import re
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,6 +17,7 @@ from scipy import stats as sps
 
 from kdlib import CLASSES
 from kdlib import analysis as A
+from kdlib.errors import DataError
 from kdlib.experiment import Experiment
 from kdlib.grid import run_grid
 from kdlib.metrics import run_metrics
@@ -377,6 +380,45 @@ def test_bootstrap_table_estimates_are_fold_means(fake_runs):
     assert kd_nat["diff"].iloc[0] > 0  # the more skilful runs win
     again = A.bootstrap_table(fake_runs, metrics=metrics, n_boot=40, seed=0)
     pd.testing.assert_frame_equal(boot, again)
+
+
+def test_bootstrap_table_is_one_fold_mean_bootstrap_per_group(fake_runs, monkeypatch, tmp_path):
+    from kdlib.stats import bootstrap_fold_mean
+
+    fake_runs = fake_runs.assign(path=[shutil.copytree(p, tmp_path / Path(p).name)
+                                       for p in fake_runs["path"]])  # files not read before
+    reads = []
+    real = A.load_predictions
+    monkeypatch.setattr(A, "load_predictions", lambda path: reads.append(path) or real(path))
+    metrics = ["f1_LGG", "ece", "patient_recall_LGG"]
+    boot = A.bootstrap_table(fake_runs, metrics=metrics + ["f1_LGG"], n_boot=60, seed=2)
+    assert len(reads) == len(fake_runs)  # each run's predictions read once
+    assert A.bootstrap_table(fake_runs, metrics=metrics, n_boot=60, seed=2).equals(boot)
+    assert len(reads) == len(fake_runs)  # and not again for the second table
+    preds = {r["run_id"]: load_predictions(r["path"]) for _, r in fake_runs.iterrows()}
+    natural = fake_runs[fake_runs["ratio"].isna()]
+    kd, ce = (natural[natural["method"] == m].sort_values("fold")["run_id"] for m in ("kd", "ce"))
+    level = quiet(bootstrap_fold_mean, [preds[r] for r in kd], None, metrics, 60, seed=2)
+    diff = quiet(bootstrap_fold_mean, [preds[r] for r in kd], [preds[r] for r in ce], metrics, 60,
+                 seed=2)
+    got = boot[(boot["method"] == "kd") & boot["ratio"].isna()].set_index("metric")
+    assert list(got.index) == metrics  # the repeated metric is bootstrapped once
+    for m in metrics:
+        lv, d = level.set_index("metric").loc[m], diff.set_index("metric").loc[m]
+        assert got.loc[m, ["estimate", "low", "high"]].tolist() == pytest.approx(
+            [lv["estimate"], lv["low"], lv["high"]], abs=1e-12)
+        assert got.loc[m, ["diff", "diff_low", "diff_high"]].tolist() == pytest.approx(
+            [d["estimate"], d["low"], d["high"]], abs=1e-12)
+
+
+def test_bootstrap_table_refuses_runs_tested_on_other_subjects(fake_runs, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    synthetic_predictions(10, 6, seed=9).to_csv(other / "predictions.csv", index=False)
+    runs = pd.concat([fake_runs, pd.DataFrame([{**fake_runs.iloc[0].to_dict(), "run_id": "other",
+                                                "path": str(other)}])], ignore_index=True)
+    with pytest.raises(DataError, match="ce-f0-rnan-0 and other were tested on different sets: 2 subject"):
+        A.bootstrap_table(runs, metrics=["f1_LGG"], n_boot=10)
 
 
 def test_teacher_scores_average_the_teachers_runs_per_ratio():
