@@ -3,7 +3,8 @@
 Two sources of noise, two tools:
 - test-set sampling (which patients happen to be in the test set): `bootstrap_metrics` and the
   paired `bootstrap_difference` resample PATIENTS with replacement (slices of one patient are
-  correlated, so resampling slices would give too narrow intervals);
+  correlated, so resampling slices would give too narrow intervals); kdlib.bootstrap computes
+  every draw at once and takes the intervals from scipy.stats.bootstrap;
 - training variability (fold, subsample, seed): `compare_to_baseline` pairs runs of a method with
   the baseline run of the same fold/ratio/seed and tests the differences with the corrected
   resampled t-test (Nadeau & Bengio, Machine Learning 2003) and the Wilcoxon signed-rank test
