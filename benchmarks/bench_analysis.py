@@ -29,12 +29,12 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers_eval import synthetic_predictions  # noqa: E402
+from helpers_eval import synthetic_predictions
 
-from kdlib import CLASSES, analysis  # noqa: E402
-from kdlib.experiment import Experiment, select_runs  # noqa: E402
-from kdlib.metrics import run_metrics  # noqa: E402
-from kdlib.runs import load_runs, run_id  # noqa: E402
+from kdlib import CLASSES, analysis
+from kdlib.experiment import Experiment, select_runs
+from kdlib.metrics import run_metrics
+from kdlib.runs import load_runs, run_id
 
 DEMO = {"ratios": [1, 4, 16], "teacher": "cnn_s", "student": "cnn_xs",
         "grid_teachers": ["cnn_s", "cnn_m"], "grid_students": ["cnn_xs", "cnn_s"], "grid_ratio": 4.0}

@@ -14,11 +14,11 @@ import pandas as pd
 import torch
 
 from kdlib import CLASSES, MINORITY, criterion
-from kdlib.experiment import Experiment
 from kdlib.bootstrap import RunCounts, patient_bootstrap, run_counts
+from kdlib.errors import DataError
+from kdlib.experiment import Experiment
 from kdlib.metrics import check_predictions, run_metrics
 from kdlib.runs import load_predictions
-from kdlib.errors import DataError
 from kdlib.stats import (
     check_boot_settings,
     check_metrics,
