@@ -42,9 +42,9 @@ class Repeats:
 
     stream: TextIO | None = None  # None: sys.stderr when printing
     log: Path | None = None  # where worker processes append theirs
-    seen: dict[str, list] = field(default_factory=dict)
-    offset: int = 0
-    restore: Callable[[], None] = lambda: None
+    seen: dict[str, list] = field(default_factory=dict, repr=False)
+    offset: int = field(default=0, repr=False)
+    restore: Callable[[], None] = field(default=lambda: None, repr=False)
 
     def add(self, key: str, text: str) -> None:
         """Print a warning the first time its key comes; count it every time."""
