@@ -15,7 +15,6 @@ import torch
 
 from kdlib import CLASSES, MINORITY, criterion
 from kdlib.bootstrap import RunCounts, patient_bootstrap, run_counts
-from kdlib.errors import DataError
 from kdlib.experiment import Experiment
 from kdlib.metrics import check_predictions, run_metrics
 from kdlib.runs import load_predictions
@@ -169,60 +168,51 @@ def bootstrap_table(runs: pd.DataFrame, metrics: Sequence[str] = Q_METRICS,
                     n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Per group: the fold-mean of each metric with a patient-bootstrap CI, and its difference to
     the CE baseline of the same folds with a paired patient-bootstrap CI (estimate/low/high and
-    diff/diff_low/diff_high). Every group uses the same patient draws (seed), all in one pass."""
+    diff/diff_low/diff_high). One pass over all groups: runs on the same test set share every
+    draw; different test sets (the outer folds of cross-validation) are resampled independently."""
     check_boot_settings(n_boot)
     metrics = list(dict.fromkeys(check_metrics(metrics)))  # each metric once
+    ids = list(dict.fromkeys(runs["run_id"]))
     counts = {row["run_id"]: run_counts_of(row) for _, row in runs.iterrows()}
+    _check_same_slices(runs, counts)
+    at = {r: i for i, r in enumerate(ids)}
     base = runs[runs["method"] == BASELINE].set_index(list(pair_on))
-    groups = []
+    groups, estimands = [], []
     for key, grp in runs.groupby(list(by), dropna=False, sort=False):
-        ours = list(grp["run_id"])
+        ours = [at[r] for r in grp["run_id"]]
         matched = [base.loc[tuple(k)]["run_id"] for k in grp[list(pair_on)].itertuples(index=False)
                    if tuple(k) in base.index]
-        diff = matched if len(matched) == len(grp) and grp["method"].iloc[0] != BASELINE else []
-        _check_test_set(runs, counts, ours + diff)
-        groups.append((key if isinstance(key, tuple) else (key,), ours, diff))
-    by_test_set: dict[str, list[int]] = {}
-    for g, (_, ours, _) in enumerate(groups):
-        by_test_set.setdefault("\n".join(counts[ours[0]].keys), []).append(g)
-    level, gain = {}, {}
-    for members in by_test_set.values():
-        ids = list(dict.fromkeys(r for g in members for r in groups[g][1] + groups[g][2]))
-        at = {r: i for i, r in enumerate(ids)}
-        estimands, where = [], []
-        for g in members:
-            _, ours, diff = groups[g]
-            estimands.append(([at[r] for r in ours], []))
-            where.append((level, g))
-            if diff:
-                estimands.append(([at[r] for r in ours], [at[r] for r in diff]))
-                where.append((gain, g))
-        out = patient_bootstrap([counts[r] for r in ids], estimands, metrics, n_boot,
-                                seed=seed)
-        for e, part in out.groupby("estimand"):
-            table, g = where[e]
-            table[g] = part.set_index("metric")
+        has_diff = len(matched) == len(grp) and grp["method"].iloc[0] != BASELINE
+        groups.append((key if isinstance(key, tuple) else (key,), len(ours), has_diff))
+        estimands.append((ours, []))
+        if has_diff:
+            estimands.append((ours, [at[r] for r in matched]))
+    out = patient_bootstrap([counts[r] for r in ids], estimands, metrics, n_boot, seed=seed)
+    parts = iter([part.set_index("metric") for _, part in out.groupby("estimand", sort=True)])
     rows = []
-    for g, (key, ours, _) in enumerate(groups):
-        for m, lv in level[g].iterrows():
-            d = gain[g].loc[m] if g in gain else None
+    for key, n_runs, has_diff in groups:
+        level = next(parts)
+        gain = next(parts) if has_diff else None
+        for m, lv in level.iterrows():
+            d = gain.loc[m] if gain is not None else None
             rows.append({**dict(zip(by, key)), "metric": m, "estimate": lv["estimate"],
                          "low": lv["low"], "high": lv["high"],
                          "diff": np.nan if d is None else d["estimate"],
                          "diff_low": np.nan if d is None else d["low"],
                          "diff_high": np.nan if d is None else d["high"],
-                         "n_runs": len(ours), "n_patients": lv["n_patients"]})
+                         "n_runs": n_runs, "n_patients": lv["n_patients"]})
     return pd.DataFrame(rows)
 
 
-def _check_test_set(runs: pd.DataFrame, counts: dict[str, RunCounts], ids: list[str]) -> None:
-    """DataError (naming the runs) unless the runs `ids` were tested on the same slices."""
-    first = counts[ids[0]].keys
-    for rid in ids[1:]:
-        if not np.array_equal(counts[rid].keys, first):
-            a, b = (runs[runs["run_id"] == r].iloc[0] for r in (ids[0], rid))
-            check_same_test_set(run_predictions(a), run_predictions(b), (ids[0], rid))
-            raise DataError(f"runs {ids[0]} and {rid} were tested on different slices")
+def _check_same_slices(runs: pd.DataFrame, counts: dict[str, RunCounts]) -> None:
+    """DataError (naming the runs) when two runs on the same test patients were not tested on
+    the same slices with the same labels."""
+    first: dict[tuple, str] = {}
+    for rid, c in counts.items():
+        other = first.setdefault(tuple(c.subjects), rid)
+        if other != rid and not np.array_equal(c.keys, counts[other].keys):
+            a, b = (runs[runs["run_id"] == r].iloc[0] for r in (other, rid))
+            check_same_test_set(run_predictions(a), run_predictions(b), (other, rid))
 
 
 def _fmt_ratio(r) -> str:

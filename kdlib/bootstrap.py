@@ -200,39 +200,57 @@ def run_scores(runs: Sequence[RunCounts], idx: np.ndarray, metrics: Sequence[str
     return out
 
 
+def test_sets(runs: Sequence[RunCounts]) -> list[list[int]]:
+    """The runs grouped by test set (the same patients), in order of first appearance; DataError
+    when two runs on the same patients were not tested on the same slices with the same labels."""
+    sets: dict[tuple, list[int]] = {}
+    for i, run in enumerate(runs):
+        members = sets.setdefault(tuple(run.subjects), [])
+        if members and not np.array_equal(run.keys, runs[members[0]].keys):
+            raise DataError(f"runs {members[0]} and {i} were tested on the same patients but not "
+                            "on the same slices with the same labels (different caches?)")
+        members.append(i)
+    return list(sets.values())
+
+
 def patient_bootstrap(runs: Sequence[RunCounts], estimands: Sequence[tuple[list[int], list[int]]],
                       metrics: Sequence[str], n_boot: int, ci: float = 0.95,
                       method: str = "percentile", seed: int = 0) -> pd.DataFrame:
-    """Patient-bootstrap CIs of several estimands over runs on one test set, from one set of draws.
+    """Patient-bootstrap CIs of several estimands over runs, from one set of draws.
 
     Estimand e = (a, b): mean over runs a of each metric, minus the mean over runs b (b may be
-    empty). Every draw resamples the same patients for every run (paired). Rows: estimand, metric,
-    estimate, low, high, se, n_undefined (draws where the metric is undefined), n_boot,
-    n_patients, ci_method, ci.
+    empty). Runs on the same test set share every draw (paired); distinct test sets (e.g. the
+    outer folds of cross-validation) are resampled independently (scipy's multi-sample
+    bootstrap). Rows: estimand, metric, estimate, low, high, se, n_undefined (draws where the
+    metric is undefined), n_boot, n_patients (of the estimand's test sets), ci_method, ci.
     """
-    n = len(runs[0].subjects)
-    units = np.arange(n)
-    stacked = np.stack([r.features for r in runs], axis=1)
+    sets = test_sets(runs)
+    data = tuple(np.arange(len(runs[m[0]].subjects)) for m in sets)
+    stacked = [np.stack([runs[i].features for i in m], axis=1) for m in sets]
 
-    def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        per_run = run_scores(runs, idx, metrics, stacked)
+    def statistic(*idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        per_run = np.empty((len(runs), len(metrics), *idx[0].shape[:-1]))
+        for k, members in enumerate(sets):
+            per_run[members] = run_scores([runs[i] for i in members], idx[k], metrics, stacked[k])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # an estimand over a NaN run is NaN
             return np.stack([per_run[a].mean(axis=0) - (per_run[b].mean(axis=0) if b else 0.0)
                              for a, b in estimands])
 
-    batch = max(1, MAX_FLOATS // (len(runs) * N_FEATURES + n))
-    rng = np.random.default_rng(seed)
-    est = statistic(units)
+    n_all = sum(len(d) for d in data)
+    batch = max(1, MAX_FLOATS // (len(runs) * N_FEATURES + n_all))
+    est = statistic(*data)
     with warnings.catch_warnings():  # undefined or constant draws: handled below
         warnings.simplefilter("ignore", sps.DegenerateDataWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
-        res = sps.bootstrap((units,), statistic, n_resamples=n_boot, batch=batch, vectorized=True,
-                            confidence_level=ci, method=method, rng=rng)
+        res = sps.bootstrap(data, statistic, n_resamples=n_boot, batch=batch, vectorized=True,
+                            confidence_level=ci, method=method, rng=np.random.default_rng(seed))
     dist = res.bootstrap_distribution  # (estimands, metrics, n_boot)
     low, high = res.confidence_interval.low, res.confidence_interval.high
+    set_of = {i: k for k, members in enumerate(sets) for i in members}
     rows = []
-    for e in range(len(estimands)):
+    for e, (a, b) in enumerate(estimands):
+        n = sum(len(data[k]) for k in {set_of[i] for i in a + b})
         for j, m in enumerate(metrics):
             theta = dist[e, j]
             ok = np.isfinite(theta)
@@ -242,7 +260,7 @@ def patient_bootstrap(runs: Sequence[RunCounts], estimands: Sequence[tuple[list[
             elif (theta[ok] == theta[ok][0]).all():
                 lo = hi = float(theta[ok][0])  # every draw the same: no spread (BCa would be NaN)
             elif not ok.all():
-                lo, hi = _interval_of_defined(units, statistic, e, j, theta[ok], ci, method, batch)
+                lo, hi = _interval_of_defined(data, statistic, e, j, theta[ok], ci, method, batch)
             rows.append({"estimand": e, "metric": m, "estimate": float(est[e, j]), "low": lo,
                          "high": hi, "se": float(np.std(theta[ok], ddof=1)) if ok.sum() > 1
                          else np.nan, "n_undefined": int((~ok).sum()), "n_boot": n_boot,
@@ -250,16 +268,17 @@ def patient_bootstrap(runs: Sequence[RunCounts], estimands: Sequence[tuple[list[
     return pd.DataFrame(rows)
 
 
-def _interval_of_defined(units: np.ndarray, statistic, e: int, j: int, theta: np.ndarray,
-                         ci: float, method: str, batch: int) -> tuple[float, float]:
+def _interval_of_defined(data: tuple[np.ndarray, ...], statistic, e: int, j: int,
+                         theta: np.ndarray, ci: float, method: str, batch: int
+                         ) -> tuple[float, float]:
     """scipy's interval of estimand e, metric j from its defined draws only (no new draws)."""
-    def one(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        return statistic(idx)[e, j]
+    def one(*idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        return statistic(*idx)[e, j]
 
     with warnings.catch_warnings():  # an undefined BCa interval is NaN, reported by the caller
         warnings.simplefilter("ignore", sps.DegenerateDataWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
-        r = sps.bootstrap((units,), one, n_resamples=0, batch=batch, vectorized=True,
+        r = sps.bootstrap(data, one, n_resamples=0, batch=batch, vectorized=True,
                           confidence_level=ci, method=method,
                           bootstrap_result=SimpleNamespace(bootstrap_distribution=theta))
     return float(r.confidence_interval.low), float(r.confidence_interval.high)

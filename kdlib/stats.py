@@ -63,9 +63,10 @@ def check_metrics(metrics: Sequence[str]) -> list[str]:
 def _bootstrap(runs: list[RunCounts], n_runs: int, metrics: list[str], n_boot: int, ci: float,
                method: str, seed: int) -> pd.DataFrame:
     """mean_k f(run_k) over runs[:n_runs], minus the mean over runs[n_runs:] when there are any."""
-    if len(runs[0].subjects) < 2:
-        raise DataError(f"the patient bootstrap needs at least 2 test patients, the test set has "
-                        f"{len(runs[0].subjects)}")
+    smallest = min(len(r.subjects) for r in runs)
+    if smallest < 2:
+        raise DataError(f"the patient bootstrap needs at least 2 test patients, a test set has "
+                        f"{smallest}")
     ours, base = list(range(n_runs)), list(range(n_runs, len(runs)))
     out = patient_bootstrap(runs, [(ours, base)], metrics, n_boot, ci, method, seed)
     defined = np.isfinite(out["estimate"])
@@ -132,9 +133,10 @@ def bootstrap_fold_mean(preds: Sequence[pd.DataFrame],
                         baselines: Sequence[pd.DataFrame] | None = None,
                         metrics: Sequence[str] = HEADLINE, n_boot: int = 2000, ci: float = 0.95,
                         method: str = "percentile", seed: int = 0, by: str = "true") -> pd.DataFrame:
-    """Patient-bootstrap CI of a metric averaged over several runs on the same test set (e.g. the
-    folds of one method), or of that mean minus the baselines' mean (paired: every draw uses the
-    same resampled patients for every run). Columns as bootstrap_metrics."""
+    """Patient-bootstrap CI of a metric averaged over several runs (e.g. the folds of one method),
+    or of that mean minus the baselines' mean. Runs on the same test set share every draw
+    (paired); different test sets (the outer folds of cross-validation) are resampled
+    independently. Columns as bootstrap_metrics (n_patients: over the distinct test sets)."""
     check_boot_settings(n_boot, ci)
     check_ci_method(method)
     metrics = check_metrics(metrics)
@@ -142,8 +144,6 @@ def bootstrap_fold_mean(preds: Sequence[pd.DataFrame],
     base = [check_predictions(p, f"baseline predictions {i}") for i, p in enumerate(baselines or [])]
     if not runs:
         raise DataError("bootstrap_fold_mean needs at least one prediction table")
-    for i, other in enumerate(runs[1:] + base, start=1):
-        check_same_test_set(runs[0], other, ("0", str(i)))
     counts = [run_counts(p, by) for p in runs + base]
     return _bootstrap(counts, len(runs), metrics, n_boot, ci, method, seed)
 

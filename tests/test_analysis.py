@@ -411,14 +411,33 @@ def test_bootstrap_table_is_one_fold_mean_bootstrap_per_group(fake_runs, monkeyp
             [d["estimate"], d["low"], d["high"]], abs=1e-12)
 
 
-def test_bootstrap_table_refuses_runs_tested_on_other_subjects(fake_runs, tmp_path):
-    other = tmp_path / "other"
-    other.mkdir()
-    synthetic_predictions(10, 6, seed=9).to_csv(other / "predictions.csv", index=False)
-    runs = pd.concat([fake_runs, pd.DataFrame([{**fake_runs.iloc[0].to_dict(), "run_id": "other",
-                                                "path": str(other)}])], ignore_index=True)
-    with pytest.raises(DataError, match="ce-f0-rnan-0 and other were tested on different sets: 2 subject"):
-        A.bootstrap_table(runs, metrics=["f1_LGG"], n_boot=10)
+def test_bootstrap_table_resamples_each_outer_fold_on_its_own(tmp_path):
+    rows = []  # cross-validation: each fold tests other subjects (renamed S -> F<fold>)
+    for fold in range(2):
+        for method, skill in (("ce", 0.8), ("kd", 1.4)):
+            folder = tmp_path / f"{method}-{fold}"
+            folder.mkdir()
+            pred = synthetic_predictions(8 + 2 * fold, 6, skill=skill, seed=10 * fold + len(rows))
+            pred["subject_id"] = pred["subject_id"].str.replace("S", f"F{fold}-")
+            pred.to_csv(folder / "predictions.csv", index=False)
+            rows.append({"run_id": folder.name, "method": method, "fold": fold, "ratio": 4.0,
+                         "seed": 0, "path": str(folder)})
+    runs = pd.DataFrame(rows)
+    boot = A.bootstrap_table(runs, metrics=["macro_f1"], n_boot=200, seed=1).set_index("method")
+    per_run = {r["run_id"]: quiet(run_metrics, load_predictions(r["path"]))["macro_f1"]
+               for r in rows}
+    kd = (per_run["kd-0"] + per_run["kd-1"]) / 2
+    assert boot.loc["kd", "estimate"] == pytest.approx(kd)
+    assert boot.loc["kd", "diff"] == pytest.approx(kd - (per_run["ce-0"] + per_run["ce-1"]) / 2)
+    assert boot.loc["kd", "n_patients"] == 8 + 10  # both folds' test subjects
+    assert boot.loc["kd", "low"] < kd < boot.loc["kd", "high"]
+    assert boot.loc["kd", "diff_low"] < boot.loc["kd", "diff"] < boot.loc["kd", "diff_high"]
+    wrong = tmp_path / "ce-0" / "predictions.csv"  # the same subjects with another label
+    pred = pd.read_csv(wrong)
+    pred.loc[0, "label"] = "LGG" if pred.loc[0, "label"] != "LGG" else "HGG"
+    pred.to_csv(wrong, index=False)
+    with pytest.raises(DataError, match="ce-0 and kd-0|kd-0 and ce-0"):
+        A.bootstrap_table(runs, metrics=["macro_f1"], n_boot=10)
 
 
 def test_teacher_scores_average_the_teachers_runs_per_ratio():

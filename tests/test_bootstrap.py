@@ -140,3 +140,27 @@ def test_ranking_metrics_take_the_per_draw_path():
         want = reference(pred, draw)
         assert got[:, d] == pytest.approx([want["auc_LGG"], want["macro_f1"], want["ap_HGG"]],
                                           nan_ok=True)
+
+
+def test_runs_on_different_test_sets_are_resampled_independently():
+    a = check_predictions(synthetic_predictions(9, 6, skill=0.9, seed=11))
+    b = check_predictions(synthetic_predictions(12, 6, skill=0.9, seed=12))
+    b["subject_id"] = b["subject_id"].str.replace("S", "T")  # another fold's test subjects
+    a2 = check_predictions(synthetic_predictions(9, 6, skill=1.5, seed=13))
+    a2[["subject_id", "slice", "label"]] = a[["subject_id", "slice", "label"]]
+    runs = [B.run_counts(p) for p in (a, b, a2)]
+    assert B.test_sets(runs) == [[0, 2], [1]]
+
+    def statistic(ia, ib, axis=-1):  # (run a + run b) / 2, each on its own test set
+        return (B.run_scores(runs[:1], ia, ["macro_f1"])[0, 0]
+                + B.run_scores(runs[1:2], ib, ["macro_f1"])[0, 0]) / 2
+
+    got = B.patient_bootstrap(runs, [([0, 1], [])], ["macro_f1"], 300, seed=4).iloc[0]
+    want = sps.bootstrap((np.arange(9), np.arange(12)), statistic, n_resamples=300,
+                         method="percentile", vectorized=True, rng=np.random.default_rng(4))
+    assert (got["low"], got["high"]) == pytest.approx(tuple(want.confidence_interval), abs=1e-12)
+    assert got["n_patients"] == 21
+    bad = a2.copy()
+    bad.loc[bad.index[-1], "slice"] = 999  # same patients, another slice
+    with pytest.raises(DataError, match="runs 0 and 2 were tested on the same patients"):
+        B.test_sets([runs[0], runs[1], B.run_counts(bad)])
