@@ -9,7 +9,7 @@ Three tables, from what a chain already writes plus one instrumented run:
    (process start-up, data and teacher loading, waiting for a teacher or a free worker);
 3. one run again, instrumented with timers: data loading, model build, teacher loading,
    augmentation, student forward/backward/step, teacher forward, validation, checkpoints,
-   files; plus the start-up of a fresh worker process (Python + import kdlib.train).
+   files; plus the start-up of a fresh worker process (Python, torch and kdlib imports).
 
     python benchmarks/profile_demo.py --profile smoke          # run the chain in a temp folder
     python benchmarks/profile_demo.py --profile demo --existing  # profile runs/demo as it is
@@ -45,6 +45,10 @@ PHASES = (("phantom / dataset", r"get_dataset\("), ("slice cache", r"build_cache
           ("splits", r"build_splits\("), ("training", r"run_grid\(|launch\w*\(|\.launch\("),
           ("bootstrap", r"bootstrap_table\("))
 """Cells of interest, by what their source calls (first match wins)."""
+
+WORKER_IMPORTS = ("kdlib.train", "kdlib.criterion", "kdlib.losses", "kdlib.models", "kdlib.metrics",
+                  "kdlib.data.cache", "kdlib.data.splits", "kdlib.teachers", "kdlib.folds")
+"""The modules a training run imports (those that exist)."""
 
 PARTS = (  # label, candidate "module:attribute" targets (the first that exists is timed)
     ("fit: setup and the rest", ("kdlib.train:fit",)),
@@ -121,18 +125,36 @@ def concurrency(timeline: pd.DataFrame) -> int:
     return max(best, 1)
 
 
-def training_parts(timeline: pd.DataFrame, wall: float | None = None,
+PARTS_OF_GRID = ("training epochs (forward/backward, validation)",
+                 "rest of each run (checkpoints, test predictions, files)",
+                 "before a worker's first run (start-up, imports, loading)",
+                 "between runs (data and teacher loading, waiting)",
+                 "after a worker's last run (waiting for the others, the cell's rest)")
+
+
+def training_parts(timeline: pd.DataFrame, windows: list[tuple[float, float]] | None = None,
                    workers: int | None = None) -> pd.DataFrame:
-    """Worker-seconds of the grid by part; `wall` defaults to first start -> last end."""
+    """Worker-seconds of the training windows (the training cells' start and end; default: first
+    run start to last run end) by part. Runs are given to workers in start order, each to the
+    worker that became free last before it started."""
     workers = workers or concurrency(timeline)
-    wall = wall if wall is not None else float(timeline["end"].max() - timeline["start"].min())
-    inside = float((timeline["end"] - timeline["start"]).sum())
-    epochs = float(timeline["epochs_s"].sum())
-    parts = {"training epochs (forward/backward, validation)": epochs,
-             "rest of each run (checkpoints, test predictions, files)": inside - epochs,
-             "between runs (start-up, data/teacher loading, waiting)": workers * wall - inside}
+    windows = windows or [(float(timeline["start"].min()), float(timeline["end"].max()))]
+    first, between, after = PARTS_OF_GRID[2:]
+    parts = dict.fromkeys(PARTS_OF_GRID, 0.0)
+    for lo, hi in windows:
+        runs = timeline[(timeline["start"] >= lo) & (timeline["start"] <= hi)].sort_values("start")
+        free, started = [lo] * workers, [False] * workers
+        for run in runs.itertuples():
+            ready = [w for w in range(workers) if free[w] <= run.start] or list(range(workers))
+            w = max(ready, key=lambda k: free[k])
+            parts[between if started[w] else first] += max(run.start - free[w], 0.0)
+            parts[PARTS_OF_GRID[0]] += run.epochs_s
+            parts[PARTS_OF_GRID[1]] += run.end - run.start - run.epochs_s
+            free[w], started[w] = run.end, True
+        parts[after] += sum(max(hi - f, 0.0) if s else hi - lo for f, s in zip(free, started))
+    total = workers * sum(hi - lo for lo, hi in windows)
     out = pd.DataFrame({"part": list(parts), "worker_s": list(parts.values())})
-    out["share"] = out["worker_s"] / (workers * wall) if wall > 0 else float("nan")
+    out["share"] = out["worker_s"] / total if total > 0 else float("nan")
     return out
 
 
@@ -144,11 +166,17 @@ def per_model(timeline: pd.DataFrame) -> pd.DataFrame:
                          "run_s_per_run": g["run_s"].mean()}).reset_index()
 
 
-def training_wall(notebooks_dir: Path) -> float | None:
-    """Seconds the training cells of the executed notebooks took, when papermill recorded them."""
-    phases = notebook_phases(notebooks_dir)
-    took = phases.loc[phases["phase"] == "training", "seconds"]
-    return float(took.sum()) if len(took) else None
+def training_windows(notebooks_dir: Path) -> list[tuple[float, float]]:
+    """(start, end) epoch seconds of the training cells of the executed notebooks (papermill)."""
+    out = []
+    for path in sorted(Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            meta = cell.metadata.get("papermill", {})
+            if cell.cell_type == "code" and re.search(dict(PHASES)["training"], cell.source) \
+                    and meta.get("start_time") and meta.get("end_time"):
+                out.append(tuple(pd.Timestamp(meta[k]).timestamp()
+                                 for k in ("start_time", "end_time")))
+    return out
 
 
 # ---------------------------------------------------------------- 3. one run, instrumented
@@ -211,10 +239,19 @@ def instrumented(timers: Timers) -> Iterator[list[str]]:
             setattr(owner, name, original)
 
 
+def warm_imports() -> None:
+    """Import what a run imports, so that the timed parts are a worker's steady state (the
+    imports are part of process_startup)."""
+    for name in WORKER_IMPORTS:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
+
 def time_one_run(cfg: Any, runs_dir: Path) -> tuple[pd.DataFrame, float]:
     """Train `cfg` into runs_dir with timers; (part, seconds, calls) rows and the total."""
     import kdlib.train
 
+    warm_imports()
     timers = Timers()
     with instrumented(timers):
         start = time.perf_counter()
@@ -226,9 +263,14 @@ def time_one_run(cfg: Any, runs_dir: Path) -> tuple[pd.DataFrame, float]:
 
 
 def process_startup() -> float:
-    """Seconds a fresh Python process takes to start and import kdlib.train (a spawned worker)."""
+    """Seconds a fresh Python process takes to start and import what a run imports (a spawned
+    worker's start-up)."""
+    code = ("import contextlib, importlib\n"
+            f"for name in {WORKER_IMPORTS!r}:\n"
+            "    with contextlib.suppress(ImportError):\n"
+            "        importlib.import_module(name)\n")
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import kdlib.train"], check=True,
+    subprocess.run([sys.executable, "-c", code], check=True,
                    env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     return time.perf_counter() - start
 
@@ -276,19 +318,20 @@ def report(home: Path, profile: str, instrument: bool = True, run_id: str | None
     if timeline.empty:
         print(f"no finished runs in {runs_dir}")
         return
-    wall = training_wall(nbs)
+    windows = training_windows(nbs)
     n = workers or concurrency(timeline)
-    span = wall if wall is not None else timeline["end"].max() - timeline["start"].min()
+    span = sum(hi - lo for lo, hi in windows) if windows else \
+        timeline["end"].max() - timeline["start"].min()
     _print(f"training: {len(timeline)} runs on {n} worker(s), {span:.1f} s wall "
-           f"({'training cells' if wall is not None else 'first start to last end'})",
-           training_parts(timeline, wall, n))
+           f"({'the training cells' if windows else 'first run start to last run end'})",
+           training_parts(timeline, windows, n))
     _print("per model", per_model(timeline))
     if instrument:
         rid = pick_run(runs_dir, timeline, run_id)
         parts, total = retrain(runs_dir, rid)
         parts["share"] = parts["seconds"] / total
         _print(f"one run again, instrumented: {rid} ({total:.2f} s)", parts)
-        print(f"\nworker process start-up (python + import kdlib.train): {process_startup():.2f} s")
+        print(f"\nworker process start-up (python, torch, kdlib): {process_startup():.2f} s")
 
 
 def main() -> None:

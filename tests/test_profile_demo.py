@@ -45,28 +45,40 @@ def test_phases_come_from_papermill_cell_timings(tmp_path):
         ("cache = workbook.build_cache(profile, {})", 9.0)])
     executed_notebook(tmp_path / "02_train.ipynb", 100.0, [
         ("run_grid(todo, P.runs, devices=d)", 90.0), ("plot()", 4.0)])
+    nb = nbformat.read(tmp_path / "02_train.ipynb", as_version=4)
+    nb.cells[0].metadata["papermill"].update(start_time="2026-01-01T10:00:00.000000",
+                                             end_time="2026-01-01T10:01:30.000000")
+    nbformat.write(nb, tmp_path / "02_train.ipynb")
     (tmp_path / "README.md").write_text("not a notebook")
     got = P.notebook_phases(tmp_path).set_index(["notebook", "phase"])["seconds"]
     assert got[("00_data", "total")] == 30.0
     assert got[("00_data", "phantom / dataset")] == 12.0
     assert got[("00_data", "slice cache")] == 9.0
     assert got[("00_data", "rest (other cells, kernel start-up)")] == pytest.approx(9.0)
-    assert got[("02_train", "training")] == 90.0 and P.training_wall(tmp_path) == 90.0
+    assert got[("02_train", "training")] == 90.0
+    (lo, hi), = P.training_windows(tmp_path)
+    assert hi - lo == 90.0
 
 
 def test_training_parts_from_run_folder_timestamps(tmp_path):
     t0 = 1_700_000_000.0
-    # two workers over 20 s: worker 1 runs a (0-8 s) and c (10-20 s), worker 2 runs b (1-15 s)
+    # two workers in a cell from t0 - 2 to t0 + 22: worker 1 runs a (0-8 s) and c (10-20 s),
+    # worker 2 runs b (1-15 s) and is then idle
     fake_run(tmp_path, "a", t0, t0 + 8, [3.0, 3.0])
     fake_run(tmp_path, "b", t0 + 1, t0 + 15, [5.0, 5.0], distiller="kd")
     fake_run(tmp_path, "c", t0 + 10, t0 + 20, [4.0, 4.0], distiller="kd")
     (tmp_path / ".tmp-d").mkdir()  # an unfinished run is not counted
     timeline = P.run_timeline(tmp_path)
     assert list(timeline["run_id"]) == ["a", "b", "c"] and P.concurrency(timeline) == 2
-    parts = P.training_parts(timeline).set_index("part")["worker_s"]
-    assert parts.iloc[0] == 24.0  # epochs
-    assert parts.iloc[1] == pytest.approx(32.0 - 24.0)  # inside runs, outside epochs
-    assert parts.iloc[2] == pytest.approx(2 * 20.0 - 32.0)  # between runs
+    parts = P.training_parts(timeline, [(t0 - 2, t0 + 22)])["worker_s"].tolist()
+    assert parts == pytest.approx([24.0,  # epochs
+                                   32.0 - 24.0,  # inside runs, outside epochs
+                                   2.0 + 3.0,  # before each worker's first run
+                                   2.0,  # a -> c
+                                   2.0 + 7.0])  # after the last runs, to the cell's end
+    assert sum(parts) == pytest.approx(2 * 24.0)
+    plain = P.training_parts(timeline)  # no cell times: the runs' own span
+    assert plain["worker_s"].sum() == pytest.approx(2 * 20.0)
     assert P.pick_run(tmp_path, timeline) == "b"  # the upper median distilled run (c 8 s, b 10 s)
     models = P.per_model(timeline).set_index("distilled")
     assert models.loc[True, "runs"] == 2 and models.loc[True, "epochs_s_per_run"] == 9.0
