@@ -15,6 +15,7 @@ import torch
 
 from kdlib import CLASSES, MINORITY, criterion
 from kdlib.bootstrap import RunCounts, patient_bootstrap, run_counts
+from kdlib.errors import DataError
 from kdlib.experiment import Experiment
 from kdlib.metrics import check_predictions, run_metrics
 from kdlib.runs import load_predictions
@@ -162,19 +163,49 @@ def run_counts_of(row: pd.Series) -> RunCounts:
     return _counts(str(row["path"]), tau, counts, (st.st_size, st.st_mtime_ns))
 
 
+def _tests_per_fold(runs: pd.DataFrame) -> bool:
+    """True when the runs' splits are of design "cv" (each fold tests other subjects)."""
+    from kdlib.data.splits import design_of, load_splits
+    from kdlib.paths import resolve
+
+    if "splits" not in runs.columns or runs.empty:
+        return False
+    return design_of(load_splits(resolve(runs["splits"].iloc[0]))) == "cv"
+
+
+def _pool_folds(runs: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, dict[str, RunCounts]]:
+    """Design "cv": the k folds of a repeat test every subject once, so the fold predictions of each
+    split (keys without fold, plus repeat) pool into one out-of-fold table on a shared test set."""
+    keys = [k for k in dict.fromkeys([*keys, "repeat"]) if k != "fold" and k in runs.columns]
+    rows, pooled = [], {}
+    for key, grp in runs.groupby(keys, dropna=False, sort=False):
+        rid = "+".join(grp["run_id"])
+        pred = pd.concat([run_predictions(row) for _, row in grp.iterrows()], ignore_index=True)
+        pooled[rid] = run_counts(check_predictions(pred, f"the pooled folds {rid}"))
+        rows.append({**dict(zip(keys, key)), "run_id": rid})
+    return pd.DataFrame(rows), pooled
+
+
 def bootstrap_table(runs: pd.DataFrame, metrics: Sequence[str] = Q_METRICS,
                     by: Sequence[str] = ("method", "ratio"),
                     pair_on: Sequence[str] = ("fold", "ratio", "seed"),
                     n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Per group: the fold-mean of each metric with a patient-bootstrap CI, and its difference to
     the CE baseline of the same folds with a paired patient-bootstrap CI (estimate/low/high and
-    diff/diff_low/diff_high). One pass over all groups: runs on the same test set share every
-    draw; different test sets (the outer folds of cross-validation) are resampled independently."""
+    diff/diff_low/diff_high). With "cv" splits the folds of each repeat are first pooled into
+    out-of-fold predictions (every subject once), the mean then runs over repeats and seeds. One
+    pass over all groups: runs on the same test set share every draw; different test sets are
+    resampled independently."""
     check_boot_settings(n_boot)
     metrics = list(dict.fromkeys(check_metrics(metrics)))  # each metric once
-    ids = list(dict.fromkeys(runs["run_id"]))
-    counts = {row["run_id"]: run_counts_of(row) for _, row in runs.iterrows()}
+    if "fold" in pair_on and _tests_per_fold(runs):
+        runs, counts = _pool_folds(runs, [*by, "method", *pair_on])
+        pair_on = [c for c in dict.fromkeys([*pair_on, "repeat"])
+                   if c != "fold" and c in runs.columns]
+    else:
+        counts = {row["run_id"]: run_counts_of(row) for _, row in runs.iterrows()}
     _check_same_slices(runs, counts)
+    ids = list(dict.fromkeys(runs["run_id"]))
     at = {r: i for i, r in enumerate(ids)}
     base = runs[runs["method"] == BASELINE].set_index(list(pair_on))
     groups, estimands = [], []
@@ -212,7 +243,10 @@ def _check_same_slices(runs: pd.DataFrame, counts: dict[str, RunCounts]) -> None
         other = first.setdefault(tuple(c.subjects), rid)
         if other != rid and not np.array_equal(c.keys, counts[other].keys):
             a, b = (runs[runs["run_id"] == r].iloc[0] for r in (other, rid))
-            check_same_test_set(run_predictions(a), run_predictions(b), (other, rid))
+            if "path" in runs.columns:
+                check_same_test_set(run_predictions(a), run_predictions(b), (other, rid))
+            raise DataError(f"runs {other} and {rid} were tested on the same patients but not on "
+                            "the same slices with the same labels (different caches?)")
 
 
 def _fmt_ratio(r) -> str:

@@ -29,13 +29,15 @@ def _prepare(args: argparse.Namespace) -> None:
     ds = workbook.get_dataset(args.profile, args.source, args.data_root, phantom, args.volume_map)
     print(f"dataset: {ds['dataset']['root']} ({ds['dataset']['fmt']})")
     cache = workbook.build_cache(args.profile, {"image_size": args.image_size, "workers": args.workers})
-    splits = workbook.build_splits(args.profile, {"k_folds": args.folds, "seed": args.seed,
-                                                      "test_fraction": args.test_fraction})
+    splits = workbook.build_splits(args.profile, {"design": args.design, "k_folds": args.folds,
+                                                  "repeats": args.repeats, "seed": args.seed,
+                                                  "test_fraction": args.test_fraction})
     table = load_slice_table(cache)
     print(f"cache:  {cache}\nsplits: {splits}\n")
     print("Subjects per grade and slices per class:")
     print(cache_summary(table).to_string())
-    print("\nSlices per class per split (fold k = validation fold k; test = held-out subjects):")
+    print("\nSlices per class per split of repeat 0 (cv: fold k = test set of the runs of fold k; "
+          "holdout: validation fold k, test = held-out subjects):")
     print(split_table(load_splits(splits), table).to_string())
 
 
@@ -106,8 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--volume-map", default="", help="H5 only: CSV volume,subject_id")
     phantom_args(q, 48, 48, [96, 96, 64])
     q.add_argument("--image-size", type=int, default=64, help="slice size in the cache")
-    q.add_argument("--folds", type=int, default=3, help="cross-validation folds")
-    q.add_argument("--test-fraction", type=float, default=0.2, help="held-out test subjects")
+    q.add_argument("--design", default="cv", choices=["cv", "holdout"],
+                   help="repeated cross-validation, or a fixed held-out test set")
+    q.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+    q.add_argument("--repeats", type=int, default=1, help="re-drawn partitions into folds")
+    q.add_argument("--test-fraction", type=float, default=None,
+                   help="holdout only: held-out test subjects (default 0.2)")
     q.set_defaults(func=_prepare)
 
     q = sub.add_parser("train", help="train one run from a YAML TrainConfig",

@@ -29,13 +29,15 @@ class Experiment:
     Question 1: `student` trained with each of `baseline_losses`, and distilled from `teacher` with
     each of `distillers` (task loss CE), with `kd` on top of each of `kd_task_losses`, and (if
     `kd_original`) with the original project's KD weighting; every one of them at each training
-    HGG:LGG ratio in `ratios` (None = natural), fold and seed. Question 2: each of `grid_students`
+    HGG:LGG ratio in `ratios` (None = natural), repeat and fold of the splits (`repeats`, `folds`:
+    None = all), and seed. Question 2: each of `grid_students`
     without a teacher (CE) and distilled with `grid_distiller` from each of `grid_teachers`, at
-    `grid_ratio`. Teachers are trained with `teacher_loss` on the same fold, ratio and seed as their
-    students.
+    `grid_ratio`. Teachers are trained with `teacher_loss` on the same repeat, fold, ratio and seed
+    as their students.
     """
 
     modalities: tuple[str, ...] = MODALITIES
+    repeats: tuple[int, ...] | None = None
     folds: tuple[int, ...] | None = None
     ratios: tuple[float | None, ...] = (1, 4)
     seeds: tuple[int, ...] = (0,)
@@ -63,9 +65,9 @@ class Experiment:
         for name in ("modalities", "ratios", "seeds", "baseline_losses", "distillers",
                      "kd_task_losses", "grid_teachers", "grid_students"):
             object.__setattr__(self, name, _tuple(getattr(self, name)))
-        if self.folds is not None:
-            folds = _tuple(self.folds)
-            object.__setattr__(self, "folds", folds or None)
+        for name in ("repeats", "folds"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _tuple(getattr(self, name)) or None)
         for name in ("ratios", "seeds", "modalities"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} must list at least one value")
@@ -85,12 +87,15 @@ class Experiment:
         given = [float(r) for r in self.ratios if r is not None]
         return max(given) if given else None
 
-    def configs(self, cache: str, splits: str, folds: list[int]) -> list[TrainConfig]:
-        """Every TrainConfig of the experiment (teachers first), for the given data and folds."""
+    def configs(self, cache: str, splits: str, folds: list[int],
+                repeats: list[int] | tuple[int, ...] = (0,)) -> list[TrainConfig]:
+        """Every TrainConfig of the experiment (teachers first), for the given data and the splits'
+        repeats and folds (as `kdlib.workbook.split_folds` gives them): repeat x fold x ratio x
+        seed for every method."""
         base = {"cache": cache, "splits": splits, "modalities": list(self.modalities), "epochs": self.epochs,
                     "batch_size": self.batch_size, "lr": self.lr, "weights": self.weights,
                     "patience": self.patience, "device": self.device}
-        folds = list(self.folds or folds)
+        folds, repeats = list(self.folds or folds), list(self.repeats or repeats)
         ratios = list(self.ratios)
         kd_extra = {"cache_teacher_logits": self.cache_teacher_logits}
         teachers = [{"model": self.teacher, "task_loss": self.teacher_loss, "ratio": ratios}]
@@ -116,17 +121,19 @@ class Experiment:
             students.append({"model": list(self.grid_students), "task_loss": "ce", **kd_extra,
                              "ratio": self.grid_ratio, "distiller": self.grid_distiller,
                              "teacher": {"model": list(self.grid_teachers)}})
-        spec = {"base": base, "grid": {"fold": folds, "seed": list(self.seeds)},
+        spec = {"base": base, "grid": {"repeat": repeats, "fold": folds, "seed": list(self.seeds)},
                 "teachers": teachers, "students": students}
         return expand_grid(spec)
 
 
 def run_table(configs: list[TrainConfig]) -> pd.DataFrame:
-    """One row per planned run: run_id, model, method, teacher, fold, ratio, seed (for display)."""
+    """One row per planned run: run_id, model, method, teacher, repeat, fold, ratio, seed (for
+    display)."""
     from kdlib.runs import method_name
 
     return pd.DataFrame([{"run_id": run_id(c), "model": c.model, "method": method_name(c),
-                          "teacher": c.teacher, "fold": c.fold, "ratio": c.ratio, "seed": c.seed}
+                          "teacher": c.teacher, "repeat": c.repeat, "fold": c.fold,
+                          "ratio": c.ratio, "seed": c.seed}
                          for c in configs])
 
 
@@ -137,10 +144,12 @@ def select_runs(runs: pd.DataFrame, configs: list[TrainConfig]) -> pd.DataFrame:
 
 
 def histories(runs: pd.DataFrame) -> pd.DataFrame:
-    """All per-epoch histories of `runs`, with run_id, method, model, ratio and fold attached."""
+    """All per-epoch histories of `runs`, with run_id, method, model, ratio, repeat and fold
+    attached."""
     from kdlib.runs import load_history
 
-    keep = [c for c in ("run_id", "method", "model", "teacher_model", "ratio", "fold", "seed")
+    keep = [c for c in ("run_id", "method", "model", "teacher_model", "ratio", "repeat", "fold",
+                        "seed")
             if c in runs.columns]
     parts = [load_history(row["path"]).assign(**{c: row[c] for c in keep})
              for _, row in runs.iterrows()]

@@ -21,7 +21,7 @@ from kdlib.runs import canonical, is_finished, run_id
 from kdlib.train import TrainConfig, fit, load_train_config
 
 GRID_KEYS = ("base", "grid", "teachers", "students", "match")
-DEFAULT_MATCH = ("cache", "splits", "fold", "ratio", "seed", "modalities")
+DEFAULT_MATCH = ("cache", "splits", "repeat", "fold", "ratio", "seed", "modalities")
 
 
 def _is_sweep(key: str, value: Any) -> bool:
@@ -53,9 +53,9 @@ def expand_grid(spec: Mapping[str, Any]) -> list[TrainConfig]:
     spec keys: `base` (settings for every run), `grid` (settings crossed with every entry, e.g.
     fold: [0, 1, 2], seed: [0], ratio: [1, 4, 8]), `teachers` and `students` (a mapping or a list of
     mappings; list values are crossed; `modalities` is swept only as a list of lists), `match`
-    (settings a teacher must share with its student; default cache, splits, fold, ratio, seed,
-    modalities). A student with a distiller gets one run per teacher run that matches it and its
-    optional `teacher` selector (a mapping of settings, lists = any of; or a run id / folder).
+    (settings a teacher must share with its student; default cache, splits, repeat, fold, ratio,
+    seed, modalities). A student with a distiller gets one run per teacher run that matches it and
+    its optional `teacher` selector (a mapping of settings, lists = any of; or a run id / folder).
     A student with distiller null is a baseline (selector ignored), so `distiller: [null, kd, dkd]`
     gives the baseline and the distilled runs in one entry. Example:
 

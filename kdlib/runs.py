@@ -69,6 +69,8 @@ def config_identity(cfg: TrainConfig) -> dict[str, Any]:
     d["cache"], d["splits"] = portable_path(d["cache"]), portable_path(d["splits"])
     if d.get("teacher"):
         d["teacher"] = Path(d["teacher"]).name
+    if d.get("repeat") == 0:  # runs from before repeats (all repeat 0) keep their id
+        del d["repeat"]
     d["run_version"] = RUN_VERSION
     return canonical(d)
 

@@ -242,7 +242,7 @@ def load_teacher(cfg: TrainConfig, runs_dir: Path,
 def check_teacher_subjects(cfg: TrainConfig, tcfg: TrainConfig, teacher: str) -> None:
     """RunError unless the teacher (config `tcfg`, run `teacher`) used the student's cache and
     splits file and none of its training subjects is a validation or test subject of the student
-    (a teacher of the same fold at another ratio is fine; one of another fold is not)."""
+    (a teacher of the same repeat and fold at another ratio is fine; one of another fold is not)."""
     from kdlib.data.splits import check_no_leakage, fold_subjects, load_splits
     from kdlib.paths import resolve
 
@@ -255,9 +255,12 @@ def check_teacher_subjects(cfg: TrainConfig, tcfg: TrainConfig, teacher: str) ->
     if not splits_path.is_file():
         return  # _split_data says so, naming the setting
     splits = load_splits(splits_path)
-    student = fold_subjects(splits, cfg.fold, ratio=cfg.ratio, seed=cfg.seed)
+    if tcfg.repeat != cfg.repeat:
+        raise RunError(f"teacher {teacher} is of repeat {tcfg.repeat}, the student of repeat "
+                       f"{cfg.repeat}; use a teacher of the student's repeat and fold")
+    student = fold_subjects(splits, cfg.fold, ratio=cfg.ratio, seed=cfg.seed, repeat=cfg.repeat)
     sets = {f"teacher {teacher} train": fold_subjects(splits, tcfg.fold, tcfg.ratio,
-                                                      tcfg.seed)["train"],
+                                                      tcfg.seed, tcfg.repeat)["train"],
             "student val": student["val"], "student test": student["test"]}
     try:
         check_no_leakage(sets, fix=f"use a teacher of fold {cfg.fold}")
@@ -281,7 +284,7 @@ def _split_data(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
                         "first (kdlib.data.splits.save_splits) or fix the path")
     table = load_slice_table(cache)
     splits = load_splits(splits_path)
-    sets = fold_subjects(splits, cfg.fold, ratio=cfg.ratio, seed=cfg.seed)
+    sets = fold_subjects(splits, cfg.fold, ratio=cfg.ratio, seed=cfg.seed, repeat=cfg.repeat)
     missing = sorted(set(splits["subject_id"]) - set(table["subject_id"]))
     if missing:
         raise DataError(f"{len(missing)} subject(s) of {splits_path} (e.g. {missing[0]}) have no "

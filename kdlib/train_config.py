@@ -56,8 +56,10 @@ class TrainConfig:
 
     cache, splits: the slice cache .h5 and the splits CSV (relative paths are taken from the
         output root, kdlib.paths.resolve).
-    fold: the validation fold (the test set is fold -1 of the splits); ratio: the HGG:LGG subject
-        ratio the training set is subsampled to (>= 1; None = natural).
+    repeat, fold: the partition (repeat) and fold of the splits; fold is the test fold of a "cv"
+        split table (validation: the next fold) and the validation fold of a "holdout" one (test:
+        fold -1), see kdlib.data.splits.fold_subjects. ratio: the HGG:LGG subject ratio the
+        training set is subsampled to (>= 1; None = natural).
     modalities: input channels, in this order. model, weights (None | "imagenet"): kdlib.models.
     task_loss, loss_params: kdlib.criterion.LOSSES and their settings; distiller (None | kd | dkd |
         bkd), distill_params: kdlib.criterion.DISTILLERS and their settings.
@@ -79,6 +81,7 @@ class TrainConfig:
 
     cache: str
     splits: str
+    repeat: int = 0
     fold: int = 0
     ratio: float | None = None
     modalities: tuple[str, ...] = MODALITIES
@@ -110,7 +113,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), (str, Path)) or not str(getattr(self, name)):
                 raise ConfigError(f"{name} must be a file path, got {getattr(self, name)!r}")
             set_(name, Path(getattr(self, name)).as_posix())
-        for name in ("fold", "epochs", "batch_size", "warmup_epochs", "seed", "patience"):
+        for name in ("repeat", "fold", "epochs", "batch_size", "warmup_epochs", "seed", "patience"):
             set_(name, _number(name, getattr(self, name), int, optional=name == "patience"))
         for name in ("lr", "weight_decay", "ratio", "posthoc_tau"):
             optional = name in ("ratio", "posthoc_tau")
@@ -140,6 +143,7 @@ class TrainConfig:
         set_("augment", aug)
         for name in ("cache_teacher_logits", "deterministic"):
             check_choice(name, getattr(self, name), (True, False))
+        check_range("repeat", self.repeat, 0)
         check_range("fold", self.fold, 0)
         check_range("epochs", self.epochs, 1)
         check_range("batch_size", self.batch_size, 2)

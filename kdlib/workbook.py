@@ -171,19 +171,20 @@ def sample_rows(table: pd.DataFrame, per_class: int, seed: int = 0) -> pd.DataFr
 
 def fold_overview(splits: pd.DataFrame, table: pd.DataFrame, ratios: list[float | None],
                   seed: int = 0) -> pd.DataFrame:
-    """Per fold and training ratio: subjects per set, achieved HGG:LGG ratio, training slices per
-    class, and the leakage check (every set pair disjoint) as it runs for training."""
+    """Per repeat, fold and training ratio: subjects per set, achieved HGG:LGG ratio, training
+    slices per class, and the leakage check (every set pair disjoint) as it runs for training."""
     from kdlib import CLASSES
-    from kdlib.data.splits import TEST_FOLD, achieved_ratio, check_no_leakage, fold_subjects
+    from kdlib.data.splits import achieved_ratio, check_no_leakage, fold_subjects, split_pairs
 
     rows = []
-    for fold in sorted(set(splits["fold"]) - {TEST_FOLD}):
+    for repeat, fold in split_pairs(splits):
         for ratio in ratios:
-            sets = fold_subjects(splits, fold, ratio, seed)
+            sets = fold_subjects(splits, fold, ratio, seed, repeat)
             check_no_leakage(sets)  # raises DataError naming the subjects if any leak
             train = table[table["subject_id"].isin(sets["train"])]
             counts = train["label"].value_counts()
-            rows.append({"fold": fold, "target_ratio": "natural" if ratio is None else ratio,
+            rows.append({"repeat": repeat, "fold": fold,
+                         "target_ratio": "natural" if ratio is None else ratio,
                          "achieved_ratio": round(achieved_ratio(splits, sets["train"]), 2),
                          "train_subjects": len(sets["train"]), "val_subjects": len(sets["val"]),
                          "test_subjects": len(sets["test"]),
@@ -192,12 +193,15 @@ def fold_overview(splits: pd.DataFrame, table: pd.DataFrame, ratios: list[float 
     return pd.DataFrame(rows)
 
 
-def split_labels(splits: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """The slice table with a `split` column: `test` or `fold k` (for class-distribution plots)."""
-    from kdlib.data.splits import TEST_FOLD
+def split_labels(splits: pd.DataFrame, table: pd.DataFrame, repeat: int = 0) -> pd.DataFrame:
+    """The slice table with a `split` column, `test` or `fold k`, as repeat `repeat` of the splits
+    assigns the subjects (for class-distribution plots)."""
+    from kdlib.data.splits import TEST_FOLD, split_table
 
-    name = {f: ("test" if f == TEST_FOLD else f"fold {f}") for f in splits["fold"].unique()}
-    merged = table.merge(splits[["subject_id", "fold"]], on="subject_id")
+    split_table(splits, table.iloc[:0], repeat)  # a clear error for a repeat not in the splits
+    part = splits[splits["repeat"] == repeat]
+    name = {f: ("test" if f == TEST_FOLD else f"fold {f}") for f in part["fold"].unique()}
+    merged = table.merge(part[["subject_id", "fold"]], on="subject_id")
     return merged.assign(split=merged["fold"].map(name))
 
 
@@ -215,12 +219,13 @@ def intensity_stats(images: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(rows).pivot(index="modality", columns="class", values=["mean", "std"])
 
 
-def cv_folds(profile: str) -> list[int]:
-    """The cross-validation folds of the profile's splits (the test set excluded)."""
-    from kdlib.data.splits import TEST_FOLD
+def split_folds(profile: str) -> dict[str, list[int]]:
+    """The repeats and folds of the profile's splits (the holdout test set excluded), as
+    `Experiment.configs(..., folds=, repeats=)` takes them."""
+    from kdlib.data.splits import split_pairs
 
-    splits = load_splits(data_settings(profile)["splits"])
-    return sorted(int(f) for f in set(splits["fold"]) - {TEST_FOLD})
+    pairs = split_pairs(load_splits(data_settings(profile)["splits"]))
+    return {"repeats": sorted({r for r, _ in pairs}), "folds": sorted({f for _, f in pairs})}
 
 
 def grid_devices(device: str = "auto", workers: int = 1) -> list[str] | None:

@@ -440,6 +440,35 @@ def test_bootstrap_table_resamples_each_outer_fold_on_its_own(tmp_path):
         A.bootstrap_table(runs, metrics=["macro_f1"], n_boot=10)
 
 
+def test_bootstrap_table_pools_the_folds_of_cv_splits(tmp_path):
+    from kdlib.data.splits import SplitConfig, make_splits, save_splits
+
+    full = {(m, r): synthetic_predictions(12, 6, skill=1.0 + 0.6 * (m == "kd"), seed=3 * r + i)
+            for i, m in enumerate(("ce", "kd")) for r in range(2)}
+    grades = full["ce", 0].query("label != 'healthy'").drop_duplicates("subject_id")
+    splits = make_splits(grades.rename(columns={"label": "grade"}),
+                         SplitConfig(k_folds=3, repeats=2))
+    path = save_splits(splits, tmp_path / "splits.csv")
+    rows = []
+    for (method, repeat), pred in full.items():
+        for fold in range(3):
+            test = splits[(splits["repeat"] == repeat) & (splits["fold"] == fold)]["subject_id"]
+            rid = f"{method}-r{repeat}-f{fold}"
+            (tmp_path / rid).mkdir()
+            pred[pred["subject_id"].isin(test)].to_csv(tmp_path / rid / "predictions.csv",
+                                                      index=False)
+            rows.append({"run_id": rid, "method": method, "repeat": repeat, "fold": fold,
+                         "ratio": 4.0, "seed": 0, "splits": str(path), "path": str(tmp_path / rid)})
+    boot = A.bootstrap_table(pd.DataFrame(rows), metrics=["f1_LGG", "macro_f1"], n_boot=40)
+    for _, row in boot.iterrows():
+        want = np.mean([quiet(run_metrics, full[row["method"], r])[row["metric"]] for r in (0, 1)])
+        assert row["estimate"] == pytest.approx(want)  # each repeat's folds pooled: all 12 subjects
+        assert row["n_runs"] == 2 and row["n_patients"] == 12 and row["low"] <= row["high"]
+    kd = boot[boot["method"] == "kd"].set_index("metric")
+    ce = boot[boot["method"] == "ce"].set_index("metric")
+    assert kd["diff"].to_dict() == pytest.approx((kd["estimate"] - ce["estimate"]).to_dict())
+
+
 def test_teacher_scores_average_the_teachers_runs_per_ratio():
     runs = run_rows()
     scores = A.teacher_scores(runs, EXP)

@@ -68,7 +68,8 @@ def test_kdlib_errors_print_one_line_and_return_2(argv, cmd, says, capsys, tmp_p
 def test_prepare_prints_the_class_summary(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KDLIB_HOME", str(tmp_path))
     argv = ["prepare", "--profile", "clitest", "--hgg", "4", "--lgg", "4", "--shape", "32", "32",
-            "24", "--image-size", "16", "--folds", "2", "--test-fraction", "0.25"]
+            "24", "--image-size", "16", "--design", "holdout", "--folds", "2", "--test-fraction",
+            "0.25"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     man = read_manifest("clitest")

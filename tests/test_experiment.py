@@ -24,9 +24,11 @@ CACHE, SPLITS = "data/cache/c.h5", "runs/x/splits.csv"  # never opened by config
 
 
 def test_defaults_and_list_coercion():
-    exp = Experiment(ratios=[1, 4], seeds=[0, 1], folds=[], baseline_losses=["ce"], modalities="t1")
+    exp = Experiment(ratios=[1, 4], seeds=[0, 1], folds=[], baseline_losses=["ce"], modalities="t1",
+                     repeats=[])
     assert exp.ratios == (1, 4) and exp.seeds == (0, 1) and exp.baseline_losses == ("ce",)
-    assert exp.folds is None and exp.modalities == ("t1",)
+    assert exp.folds is None and exp.repeats is None and exp.modalities == ("t1",)
+    assert Experiment(repeats=[2, 0]).repeats == (2, 0)
     assert Experiment(ratios=None).ratios == (None,)
 
 
@@ -54,8 +56,9 @@ def kinds(configs):
     return Counter((c.model, method_name(c), c.ratio) for c in configs)
 
 
-def check_structure(exp, configs, folds):
-    """Teachers first, students matched to a teacher of the same fold/ratio/seed, no duplicates."""
+def check_structure(exp, configs, folds, repeats=(0,)):
+    """Teachers first, students matched to a teacher of the same repeat/fold/ratio/seed, no
+    duplicates."""
     ids = [run_id(c) for c in configs]
     assert len(set(ids)) == len(ids)
     by_id = dict(zip(ids, configs))
@@ -63,12 +66,12 @@ def check_structure(exp, configs, folds):
     assert all(c.distiller is None for c in configs[:first_student])
     for i, c in enumerate(configs):
         assert c.epochs == exp.epochs and c.modalities == exp.modalities and c.cache == CACHE
-        assert c.fold in folds and c.seed in exp.seeds
+        assert c.fold in folds and c.seed in exp.seeds and c.repeat in repeats
         if c.distiller:
             t = by_id[c.teacher]  # a run id of this experiment
             assert ids.index(c.teacher) < first_student <= i
             assert t.distiller is None and t.task_loss == exp.teacher_loss
-            assert (t.fold, t.ratio, t.seed) == (c.fold, c.ratio, c.seed)
+            assert (t.repeat, t.fold, t.ratio, t.seed) == (c.repeat, c.fold, c.ratio, c.seed)
             assert c.cache_teacher_logits is exp.cache_teacher_logits
             q1 = c.model == exp.student and c.ratio in exp.ratios and t.model == exp.teacher
             assert q1 or (c.model in exp.grid_students and t.model in exp.grid_teachers
@@ -142,11 +145,27 @@ def test_configs_without_distillation_or_grid():
     assert all(c.distiller is None and c.ratio == 4.0 for c in configs)
 
 
+def test_configs_cross_repeats_folds_ratios_and_seeds():
+    exp = Experiment(ratios=(None, 4), seeds=(0, 1), grid_ratio=4, teacher="cnn_l", epochs=1)
+    one = exp.configs(CACHE, SPLITS, [0, 1, 2])
+    configs = exp.configs(CACHE, SPLITS, [0, 1, 2], repeats=[0, 1])
+    assert len(configs) == 2 * len(one) and len(one) % (3 * 2) == 0
+    per_split = Counter((c.repeat, c.fold, c.seed) for c in configs)
+    assert set(per_split) == set(itertools.product((0, 1), (0, 1, 2), (0, 1)))
+    assert len(set(per_split.values())) == 1  # every split gets every run of the experiment
+    check_structure(exp, configs, [0, 1, 2], repeats=(0, 1))
+    assert {run_id(c) for c in one} == {run_id(c) for c in configs if c.repeat == 0}
+    chosen = Experiment(ratios=(None, 4), seeds=(0, 1), grid_ratio=4, teacher="cnn_l", epochs=1,
+                        repeats=[1], folds=[2]).configs(CACHE, SPLITS, [0, 1, 2], repeats=[0, 1])
+    assert {(c.repeat, c.fold) for c in chosen} == {(1, 2)} and len(chosen) == len(one) // 3
+
+
 def test_run_table_columns_and_values():
     exp = Experiment(ratios=(None, 4), grid_ratio=4, teacher="cnn_l", epochs=1)
     configs = exp.configs(CACHE, SPLITS, [0])
     t = run_table(configs)
-    assert list(t.columns) == ["run_id", "model", "method", "teacher", "fold", "ratio", "seed"]
+    assert list(t.columns) == ["run_id", "model", "method", "teacher", "repeat", "fold", "ratio",
+                               "seed"]
     assert t["run_id"].tolist() == [run_id(c) for c in configs]
     assert t["method"].tolist() == [method_name(c) for c in configs]
     kd = t[t["method"] == "kd_original"]
@@ -189,8 +208,8 @@ def test_histories_attach_the_run_columns(trained):
     sel = select_runs(trained["runs"], trained["configs"])
     hist = histories(sel)
     assert len(hist) == 3 * 2
-    for col in ("run_id", "method", "model", "teacher_model", "ratio", "fold", "seed", "epoch",
-                "val_macro_f1", "val_f1_LGG", "val_recall_LGG"):
+    for col in ("run_id", "method", "model", "teacher_model", "ratio", "repeat", "fold", "seed",
+                "epoch", "val_macro_f1", "val_f1_LGG", "val_recall_LGG"):
         assert col in hist.columns, col
     for _, row in sel.iterrows():
         part = hist[hist["run_id"] == row["run_id"]].reset_index(drop=True)

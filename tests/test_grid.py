@@ -50,6 +50,16 @@ def test_expand_grid_teachers_first_and_matched(data):
     assert len(runs) == 4 + 2 + 2 + 4
 
 
+def test_expand_grid_matches_teachers_on_the_repeat(data):
+    runs = expand_grid(spec(data, grid={"repeat": [0, 1], "fold": [0, 1], "seed": [0]}))
+    by_id = {run_id(c): c for c in runs}
+    kd = [c for c in runs if c.distiller == "kd"]
+    assert sorted((c.repeat, c.fold) for c in kd) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for s in kd:
+        assert (by_id[s.teacher].repeat, by_id[s.teacher].fold) == (s.repeat, s.fold)
+    assert len(runs) == 2 * (4 + 2 + 2 + 4)
+
+
 def test_expand_grid_sweeps_and_errors(data, tmp_path):
     s = spec(data, grid={"fold": 0, "modalities": [["flair"], ["flair", "t1"]]},
              students=[], teachers={"model": "cnn_s", "modalities": ["flair"]})

@@ -26,6 +26,10 @@ def test_run_id_is_readable_and_stable(data):
     assert re.fullmatch(r"cnn_xs-ce-f0-r4-s0-[0-9a-f]{8}", run_id(a))
     assert run_id(a) == run_id(cfg(data, ratio=4.0, device="auto", deterministic=False))
     assert run_id(a) != run_id(cfg(data, ratio=4, seed=1))
+    assert run_id(a) != run_id(cfg(data, ratio=4, repeat=1))
+    from kdlib.runs import config_identity
+
+    assert "repeat" not in config_identity(a)  # runs from before repeats (repeat 0) keep their id
     f1 = cfg(data, task_loss="focal", loss_params={"gamma": 2})
     assert run_id(f1) == run_id(cfg(data, task_loss="focal", loss_params={"gamma": 2.0}))
     kd = cfg(data, distiller="kd", task_loss="logit_adjusted", teacher="/x/runs/t-123")

@@ -80,6 +80,8 @@ def test_config_defaults_roundtrip_and_yaml(data, tmp_path):
     ({"cache_teacher_logits": True}, r"needs a distiller"),
     ({"select_metric": "auc"}, r"select_metric='auc'.*macro_f1"),
     ({"ratio": 0.5}, r"ratio=0.5"),
+    ({"repeat": -1}, r"repeat=-1"),
+    ({"repeat": 1.5}, r"repeat=1.5 must be a whole number"),
     ({"augment": "yes"}, r"augment='yes'.*true, false, null or a mapping"),
     ({"augment": 1}, r"augment=1 .*true, false, null or a mapping"),
     ({"augment": [1]}, r"augment=\[1\].*true, false, null or a mapping"),
@@ -254,6 +256,8 @@ def test_missing_files_and_bad_teachers(data, teacher, tmp_path):
         fit(tiny_config(tmp_path / "no.h5", splits), tmp_path, progress=False)
     with pytest.raises(DataError, match=r"splits=.*does not exist"):
         fit(tiny_config(cache, tmp_path / "no.csv"), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match=r"repeat=1 is not a repeat of these splits.*\[0\]"):
+        fit(tiny_config(cache, splits, repeat=1), tmp_path, progress=False)
     with pytest.raises(RunError, match=r"teacher 'cnn_l-ce-nope' not found.*train the teacher"):
         fit(tiny_config(cache, splits, distiller="kd", teacher="cnn_l-ce-nope"), tmp_path,
             progress=False)
@@ -291,6 +295,10 @@ def test_teacher_must_share_data_and_not_see_the_students_val_or_test(data, teac
     other_splits = _edited_teacher(teacher, tmp_path / "splits-teacher", splits=str(own))
     with pytest.raises(RunError, match=r"splits.*other-splits.csv.*student.*splits.csv"):
         load(other_splits)
+    other_repeat = _edited_teacher(teacher, tmp_path / "repeat-teacher", repeat=1)
+    with pytest.raises(RunError, match=r"teacher repeat-teacher is of repeat 1, the student of "
+                                       r"repeat 0; use a teacher of the student's repeat"):
+        load(other_repeat)
     other_ratio = _edited_teacher(teacher, tmp_path / "ratio-teacher", ratio=2)
     assert load(other_ratio)[1] == other_ratio  # same fold, another ratio: allowed
     assert not list(tmp_path.glob(".tmp-*"))

@@ -15,11 +15,11 @@ import kdlib.data.phantom_files
 from kdlib import CLASSES, MODALITIES
 from kdlib import workbook as wb
 from kdlib.data.cache import load_slice_table
-from kdlib.data.splits import load_splits
+from kdlib.data.splits import SplitConfig, fold_subjects, load_splits, make_splits, subject_table
 from kdlib.errors import ConfigError, DataError
 
 PHANTOM = {"n_hgg": 4, "n_lgg": 4, "shape": [32, 32, 24]}
-SPLIT = {"k_folds": 2, "test_fraction": 0.25}
+SPLIT = {"design": "holdout", "k_folds": 2, "test_fraction": 0.25}
 PROFILE = "wb"
 
 
@@ -176,11 +176,21 @@ def test_build_splits_reuse_and_new_settings(ws, monkeypatch):
     assert wb.read_manifest(PROFILE)["splits"] == str(path)
 
 
-def test_data_settings_and_cv_folds(ws, monkeypatch):
+def test_data_settings_and_split_folds(ws, monkeypatch):
     monkeypatch.setenv("KDLIB_HOME", str(ws["home"]))
     assert wb.data_settings(PROFILE) == {"cache": str(ws["cache"]), "splits": str(ws["splits"])}
-    assert wb.cv_folds(PROFILE) == [0, 1]
+    assert wb.split_folds(PROFILE) == {"repeats": [0], "folds": [0, 1]}
     assert wb.paths(PROFILE).runs == ws["home"] / "runs" / PROFILE
+    cv = wb.build_splits(PROFILE, {"k_folds": 3, "repeats": 2})
+    try:
+        assert wb.split_folds(PROFILE) == {"repeats": [0, 1], "folds": [0, 1, 2]}
+        assert wb.read_manifest(PROFILE)["split"]["design"] == "cv"
+        assert set(load_splits(cv)["repeat"]) == {0, 1}
+        with pytest.raises(ConfigError, match="test_fraction"):
+            wb.build_splits(PROFILE, {"test_fraction": 0.25})
+    finally:
+        wb.build_splits(PROFILE, SPLIT)
+    assert wb.split_folds(PROFILE) == {"repeats": [0], "folds": [0, 1]}
 
 
 # ---------------------------------------------------------------- tables
@@ -215,6 +225,24 @@ def test_fold_overview_one_row_per_fold_and_ratio(ws):
     for ratio in (1, 4):
         sub = ov[ov["target_ratio"] == ratio].set_index("fold")["train_LGG"]
         assert (sub <= natural).all()
+
+
+def test_fold_overview_and_split_labels_cover_every_repeat(ws):
+    table = ws["table"]
+    splits = make_splits(subject_table(table), SplitConfig(k_folds=3, repeats=2))
+    ov = wb.fold_overview(splits, table, [None, 4], seed=0)
+    assert list(zip(ov["repeat"], ov["fold"], ov["target_ratio"])) == [
+        (r, f, t) for r in (0, 1) for f in (0, 1, 2) for t in ("natural", 4)]
+    for _, row in ov.iterrows():
+        sets = fold_subjects(splits, row["fold"], None, 0, row["repeat"])
+        assert (row["val_subjects"], row["test_subjects"]) == (len(sets["val"]), len(sets["test"]))
+    assert (ov["leakage"] == "none").all()
+    for r in (0, 1):
+        out = wb.split_labels(splits, table, repeat=r)
+        fold = splits[splits["repeat"] == r].set_index("subject_id")["fold"]
+        assert out["split"].tolist() == [f"fold {fold[s]}" for s in out["subject_id"]]
+    with pytest.raises(ConfigError, match=r"repeat=5 .*\[0, 1\]"):
+        wb.split_labels(splits, table, repeat=5)
 
 
 def test_split_labels_names_every_slice_split(ws):
