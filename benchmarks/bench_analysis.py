@@ -1,14 +1,16 @@
 """Notebook 04's analysis on made-up run folders of the demo's size: seconds per call.
 
-Writes one finished run folder per run of the demo experiment (3 folds, ratios 1/4/16, the
-question-2 size grid: 120 runs) with made-up test predictions (16 subjects x 30 slices, the same
-held-out test set for every run, logits included for the post-hoc rows), then times the calls
+Writes one finished run folder per run of the demo experiment (ratios 1/4/16, the question-2 size
+grid) with made-up test predictions (logits included for the post-hoc rows), then times the calls
 notebook 04 makes on them: loading the run table, the post-hoc rows, the summaries, the paired
 tests, the patient bootstraps (500 draws) and question 2's gains. It prints one line per call and
 the bootstrap time of the notebook as it was (two tables) and as it is (one table).
 
+--design holdout (default): 3 folds, 120 runs, one held-out test set of 16 subjects x 30 slices.
+--design cv: the demo's repeated 5-fold cross-validation, 200 runs, each testing its outer fold
+(80 subjects x 30 slices in all; needs a kdlib with cv splits).
 It only uses calls that exist before and after the fast bootstrap, so the same script times both:
-`PYTHONPATH=<checkout> python benchmarks/bench_analysis.py [--n-boot 500] [--subjects 16]`.
+`PYTHONPATH=<checkout> python benchmarks/bench_analysis.py [--design cv] [--n-boot 500]`.
 Prints figures, asserts nothing.
 """
 
@@ -42,16 +44,46 @@ PER_CLASS = ["f1_healthy", "f1_HGG", "f1_LGG"]
 PARAMS = {"cnn_xs": 6_000, "cnn_s": 40_000, "cnn_m": 288_000}
 
 
-def write_runs(root: Path, exp: Experiment, folds: int, subjects: int, slices: int) -> list:
+def cv_splits(root: Path, folds: int, subjects: int) -> Path:
+    """A repeated k-fold split table (design cv, one repeat) of the made-up subjects."""
+    from kdlib.data.splits import SplitConfig, make_splits, save_splits
+
+    pred = synthetic_predictions(subjects, 2, lgg_fraction=0.5)
+    table = pred[pred["label"] != "healthy"].rename(columns={"label": "grade"})
+    splits = make_splits(table, SplitConfig(design="cv", k_folds=folds, repeats=1))
+    return save_splits(splits, root / "splits.csv")
+
+
+def holdout_splits(root: Path, folds: int, subjects: int) -> Path:
+    """A split table with a fixed test set (fold -1): the made-up test subjects, and four times
+    as many others dealt into the folds (a CSV that every kdlib version reads)."""
+    test = synthetic_predictions(subjects, 2, lgg_fraction=0.5).drop_duplicates("subject_id")
+    rows = [(s, grade, -1) for s, grade in zip(test["subject_id"], test["label"])]  # tumour slices
+    rows += [(f"T{i:03d}", ("HGG", "LGG")[i % 2], i % folds) for i in range(4 * subjects)]
+    path = root / "splits.csv"
+    pd.DataFrame(rows, columns=["subject_id", "grade", "fold"]).to_csv(path, index=False)
+    return path
+
+
+def write_runs(root: Path, exp: Experiment, folds: int, subjects: int, slices: int,
+               design: str = "holdout") -> list:
     """One finished run folder per config of `exp` under root/runs; returns the configs."""
-    configs = exp.configs(cache="data/bench.h5", splits="runs/bench/splits.csv",
-                          folds=list(range(folds)))
+    if design == "cv":
+        splits = cv_splits(root, folds, subjects)
+        configs = exp.configs(cache="data/bench.h5", splits=str(splits), folds=list(range(folds)))
+        table = pd.read_csv(splits)
+    else:
+        splits = holdout_splits(root, folds, subjects)
+        configs = exp.configs(cache="data/bench.h5", splits=str(splits), folds=list(range(folds)))
     runs = root / "runs"
     for i, cfg in enumerate(configs):
         folder = runs / run_id(cfg)
         folder.mkdir(parents=True)
         skill = 0.6 + 0.05 * (i % 7) + 0.02 * cfg.fold
         pred = synthetic_predictions(subjects, slices, lgg_fraction=0.5, skill=skill, seed=i)
+        if design == "cv":  # the run tests its outer fold
+            test = table[(table["fold"] == cfg.fold) & (table["repeat"] == cfg.repeat)]
+            pred = pred[pred["subject_id"].isin(test["subject_id"])].reset_index(drop=True)
         p = pred[[f"p_{c}" for c in CLASSES]].to_numpy()
         for j, c in enumerate(CLASSES):
             pred[f"z_{c}"] = np.log(p[:, j])
@@ -88,15 +120,19 @@ def timed(label: str, fn: Callable[[], Any], times: dict[str, float],
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-boot", type=int, default=500, help="bootstrap draws (the demo's n_boot)")
-    ap.add_argument("--folds", type=int, default=3)
-    ap.add_argument("--subjects", type=int, default=16, help="test subjects of every run")
+    ap.add_argument("--design", choices=("holdout", "cv"), default="holdout")
+    ap.add_argument("--folds", type=int, help="folds (default: 3 holdout, 5 cv)")
+    ap.add_argument("--subjects", type=int, help="test subjects (default: 16 holdout, 80 cv)")
     ap.add_argument("--slices", type=int, default=30, help="slices per test subject")
     args = ap.parse_args()
+    cv = args.design == "cv"
+    folds, subjects = args.folds or (5 if cv else 3), args.subjects or (80 if cv else 16)
     exp = Experiment(**DEMO)
     with tempfile.TemporaryDirectory() as tmp:
-        configs = write_runs(Path(tmp), exp, args.folds, args.subjects, args.slices)
-        print(f"{len(configs)} runs, {args.subjects} test subjects x {args.slices} slices, "
-              f"{args.n_boot} bootstrap draws; kdlib from {Path(analysis.__file__).parent}")
+        configs = write_runs(Path(tmp), exp, folds, subjects, args.slices, args.design)
+        print(f"{len(configs)} runs, design {args.design}, {folds} folds, {subjects} test subjects "
+              f"x {args.slices} slices, {args.n_boot} bootstrap draws; kdlib from "
+              f"{Path(analysis.__file__).parent}")
         t: dict[str, float] = {}
         c: dict[str, float] = {}
         print(f"  {'call':<46} {'wall':>10} {'CPU':>10}")

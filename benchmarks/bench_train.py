@@ -19,7 +19,9 @@ import torch
 from kdlib.criterion import build_criterion
 from kdlib.data.loader import epoch_indices
 from kdlib.models import count_parameters, create_model
-from kdlib.train import AugmentConfig, FrozenTeacher, evaluate, lr_lambda, train_one_epoch
+from kdlib.teachers import FrozenTeacher
+from kdlib.train import evaluate, lr_lambda, train_one_epoch
+from kdlib.train_config import AugmentConfig
 
 MODELS = ("cnn_xs", "cnn_s", "cnn_m", "cnn_l", "resnet18")
 

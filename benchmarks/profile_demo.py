@@ -47,24 +47,27 @@ PHASES = (("phantom / dataset", r"get_dataset\("), ("slice cache", r"build_cache
 """Cells of interest, by what their source calls (first match wins)."""
 
 WORKER_IMPORTS = ("kdlib.train", "kdlib.criterion", "kdlib.losses", "kdlib.models", "kdlib.metrics",
-                  "kdlib.data.cache", "kdlib.data.splits", "kdlib.teachers", "kdlib.folds")
+                  "kdlib.data.cache", "kdlib.data.splits", "kdlib.data.folds", "kdlib.teachers",
+                  "kdlib.predictions", "kdlib.device", "kdlib.identity")
 """The modules a training run imports (those that exist)."""
 
 PARTS = (  # label, candidate "module:attribute" targets (the first that exists is timed)
     ("fit: setup and the rest", ("kdlib.train:fit",)),
     ("data: read the slice cache", ("kdlib.data.loader:load_tensors",)),
-    ("data: slice table and splits", ("kdlib.train:_split_data", "kdlib.folds:fold_data")),
-    ("model: build", ("kdlib.train:build_model", "kdlib.models:build_model")),
-    ("teacher: load", ("kdlib.train:load_teacher", "kdlib.teachers:load_teacher")),
+    ("data: slice table and splits", ("kdlib.data.folds:fold_data", "kdlib.train:_split_data")),
+    ("model: build", ("kdlib.teachers:build_model", "kdlib.train:build_model")),
+    ("teacher: load", ("kdlib.teachers:load_teacher", "kdlib.train:load_teacher")),
     ("train: augmentation", ("kdlib.data.loader:augment_batch",)),
-    ("train: teacher forward", ("kdlib.train:FrozenTeacher.forward",
-                                "kdlib.teachers:FrozenTeacher.forward")),
+    ("train: teacher forward", ("kdlib.teachers:FrozenTeacher.forward",
+                                "kdlib.train:FrozenTeacher.forward")),
     ("train: student forward/backward/step", ("kdlib.train:train_one_epoch",)),
     ("validation and test: forward", ("kdlib.train:evaluate",)),
-    ("validation: metrics", ("kdlib.train:validation_scores",)),
-    ("checkpoints and model file", ("kdlib.runs:save_atomic", "kdlib.results:save_atomic")),
-    ("finish: metrics and files", ("kdlib.runs:finish_run", "kdlib.results:finish_run")),
+    ("validation: metrics", ("kdlib.predictions:validation_scores",
+                             "kdlib.train:validation_scores")),
+    ("checkpoints and model file", ("kdlib.runs:save_atomic",)),
+    ("finish: metrics and files", ("kdlib.runs:finish_run",)),
 )
+"""A function is timed wherever kdlib bound it (its module and every `from ... import` of it)."""
 
 
 # ---------------------------------------------------------------- 1. phases
@@ -221,7 +224,8 @@ def _target(spec: str) -> tuple[Any, str] | None:
 
 @contextlib.contextmanager
 def instrumented(timers: Timers) -> Iterator[list[str]]:
-    """Wrap the first existing target of each part of PARTS; yields the targets wrapped."""
+    """Wrap the first existing target of each part of PARTS, in its class or in every kdlib
+    module that holds it; yields the targets wrapped."""
     undo, used = [], []
     for label, candidates in PARTS:
         found = next((t for t in map(_target, candidates) if t is not None), None)
@@ -229,14 +233,19 @@ def instrumented(timers: Timers) -> Iterator[list[str]]:
             continue
         owner, name = found
         original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-        setattr(owner, name, timers.wrap(label, original))
-        undo.append((owner, name, original))
+        wrapped = timers.wrap(label, original)
+        holders = [owner] if isinstance(owner, type) else [
+            m for k, m in list(sys.modules.items())
+            if k.split(".")[0] == "kdlib" and getattr(m, name, None) is original]
+        for holder in holders:
+            setattr(holder, name, wrapped)
+            undo.append((holder, name, original))
         used.append(f"{getattr(owner, '__name__', owner)}.{name}")
     try:
         yield used
     finally:
-        for owner, name, original in reversed(undo):
-            setattr(owner, name, original)
+        for holder, name, original in reversed(undo):
+            setattr(holder, name, original)
 
 
 def warm_imports() -> None:
@@ -251,7 +260,7 @@ def time_one_run(cfg: Any, runs_dir: Path) -> tuple[pd.DataFrame, float]:
     """Train `cfg` into runs_dir with timers; (part, seconds, calls) rows and the total."""
     import kdlib.train
 
-    warm_imports()
+    warm_imports()  # before wrapping: every module that binds a timed function is loaded
     timers = Timers()
     with instrumented(timers):
         start = time.perf_counter()

@@ -15,10 +15,13 @@ import torch
 
 from kdlib import CLASSES, MINORITY, criterion
 from kdlib.bootstrap import RunCounts, patient_bootstrap, run_counts
+from kdlib.data.splits import design_of, load_splits
 from kdlib.errors import DataError
 from kdlib.experiment import Experiment
 from kdlib.metrics import check_predictions, run_metrics
-from kdlib.runs import load_predictions
+from kdlib.paths import resolve
+from kdlib.predictions import class_probabilities
+from kdlib.results import load_predictions
 from kdlib.stats import (
     check_boot_settings,
     check_metrics,
@@ -55,8 +58,6 @@ def posthoc_predictions(pred: pd.DataFrame, class_counts: Sequence[int], tau: fl
                         ) -> pd.DataFrame:
     """A run's predictions after post-hoc logit adjustment z - tau log(pi) (Menon et al., ICLR
     2021), from its stored logits z_<class> and training class counts."""
-    from kdlib.train import class_probabilities
-
     z = torch.tensor(pred[[f"z_{c}" for c in CLASSES]].to_numpy(np.float32))
     p = class_probabilities(z, list(class_counts), tau).numpy().astype(np.float64)
     return pred.assign(**{f"p_{c}": p[:, i] for i, c in enumerate(CLASSES)})
@@ -165,9 +166,6 @@ def run_counts_of(row: pd.Series) -> RunCounts:
 
 def _tests_per_fold(runs: pd.DataFrame) -> bool:
     """True when the runs' splits are of design "cv" (each fold tests other subjects)."""
-    from kdlib.data.splits import design_of, load_splits
-    from kdlib.paths import resolve
-
     if "splits" not in runs.columns or runs.empty:
         return False
     return design_of(load_splits(resolve(runs["splits"].iloc[0]))) == "cv"

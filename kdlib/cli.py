@@ -6,13 +6,20 @@ import argparse
 import sys
 from pathlib import Path
 
+from kdlib import workbook
+from kdlib.data.cache import cache_summary, load_slice_table
+from kdlib.data.phantom import PhantomConfig
+from kdlib.data.phantom_files import make_phantom
+from kdlib.data.splits import load_splits, split_table
 from kdlib.errors import KdlibError
+from kdlib.grid import load_grid, run_grid
+from kdlib.paths import profile_paths
+from kdlib.pipeline import parse_overrides, run_profile, strip_outputs
+from kdlib.train import fit
+from kdlib.train_config import load_train_config
 
 
 def _phantom(args: argparse.Namespace) -> None:
-    from kdlib.data.phantom import PhantomConfig
-    from kdlib.data.phantom_files import make_phantom
-
     cfg = PhantomConfig(n_hgg=args.hgg, n_lgg=args.lgg, shape=tuple(args.shape),
                         difficulty=args.difficulty, seed=args.seed, compress=args.compress,
                         write_h5=args.h5, workers=args.workers)
@@ -20,10 +27,6 @@ def _phantom(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from kdlib import workbook
-    from kdlib.data.cache import cache_summary, load_slice_table
-    from kdlib.data.splits import load_splits, split_table
-
     phantom = {"n_hgg": args.hgg, "n_lgg": args.lgg, "shape": tuple(args.shape),
                    "difficulty": args.difficulty, "seed": args.seed, "workers": args.workers}
     ds = workbook.get_dataset(args.profile, args.source, args.data_root, phantom, args.volume_map)
@@ -42,35 +45,25 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _runs_dir(args: argparse.Namespace) -> Path:
-    from kdlib.paths import profile_paths
-
     return args.runs_dir or profile_paths("cli").runs
 
 
 def _train(args: argparse.Namespace) -> None:
-    from kdlib.train import fit, load_train_config
-
     print(fit(load_train_config(args.config), _runs_dir(args)))
 
 
 def _grid(args: argparse.Namespace) -> None:
-    from kdlib.grid import load_grid, run_grid
-
     for path in run_grid(load_grid(args.config), _runs_dir(args), devices=args.devices):
         print(path)
 
 
 def _run(args: argparse.Namespace) -> None:
-    from kdlib.pipeline import parse_overrides, run_profile
-
     done = run_profile(args.profile, only=args.only, overrides=parse_overrides(args.param),
                        log_output=not args.quiet)
     print("\nexecuted notebooks:\n" + "\n".join(f"  {p}" for p in done))
 
 
 def _strip(args: argparse.Namespace) -> None:
-    from kdlib.pipeline import strip_outputs
-
     for path in args.notebooks:
         print(f"{'stripped' if strip_outputs(path) else 'clean   '} {path}")
 

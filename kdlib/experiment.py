@@ -13,7 +13,7 @@ from kdlib import MODALITIES
 from kdlib.config import check_choice, check_range
 from kdlib.errors import ConfigError
 from kdlib.grid import expand_grid
-from kdlib.runs import run_id
+from kdlib.identity import method_name, run_id
 from kdlib.train_config import TrainConfig
 
 
@@ -23,7 +23,7 @@ def _tuple(value: Any) -> tuple:
 
 @dataclass(frozen=True)
 class Experiment:
-    """Which runs answer the two questions (see DESIGN.md, "The two questions"). The defaults are
+    """Which runs answer the two questions of the README. The defaults are
     the notebooks' own (the smoke profile); a test keeps the two equal.
 
     Question 1: `student` trained with each of `baseline_losses`, and distilled from `teacher` with
@@ -129,39 +129,7 @@ class Experiment:
 def run_table(configs: list[TrainConfig]) -> pd.DataFrame:
     """One row per planned run: run_id, model, method, teacher, repeat, fold, ratio, seed (for
     display)."""
-    from kdlib.runs import method_name
-
     return pd.DataFrame([{"run_id": run_id(c), "model": c.model, "method": method_name(c),
                           "teacher": c.teacher, "repeat": c.repeat, "fold": c.fold,
                           "ratio": c.ratio, "seed": c.seed}
                          for c in configs])
-
-
-def select_runs(runs: pd.DataFrame, configs: list[TrainConfig]) -> pd.DataFrame:
-    """The rows of `load_runs(...)` that belong to `configs` (finished runs only)."""
-    ids = {run_id(c) for c in configs}
-    return runs[runs["run_id"].isin(ids)].reset_index(drop=True)
-
-
-def histories(runs: pd.DataFrame) -> pd.DataFrame:
-    """All per-epoch histories of `runs`, with run_id, method, model, ratio, repeat and fold
-    attached."""
-    from kdlib.runs import load_history
-
-    keep = [c for c in ("run_id", "method", "model", "teacher_model", "ratio", "repeat", "fold",
-                        "seed")
-            if c in runs.columns]
-    parts = [load_history(row["path"]).assign(**{c: row[c] for c in keep})
-             for _, row in runs.iterrows()]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=keep)
-
-
-def best_validation(runs: pd.DataFrame, hist: pd.DataFrame, by: list[str],
-                    metrics: tuple[str, ...] = ("val_macro_f1", "val_f1_LGG", "val_recall_LGG")
-                    ) -> pd.DataFrame:
-    """Validation scores at each run's best epoch, as mean and std over folds/seeds per `by`."""
-    best = runs[["run_id", "best_epoch"]].rename(columns={"best_epoch": "epoch"})
-    at_best = hist.merge(best, on=["run_id", "epoch"])
-    agg = at_best.groupby(by, dropna=False)[list(metrics)].agg(["mean", "std"])
-    agg.columns = [f"{m}_{s}" for m, s in agg.columns]
-    return agg.reset_index()

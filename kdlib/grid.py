@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 from tqdm.auto import tqdm
 
 from kdlib.config import read_yaml, to_dict
 from kdlib.errors import ConfigError, KdlibError, RunError
-from kdlib.runs import canonical, is_finished, run_id
-from kdlib.train import TrainConfig, fit, load_train_config
+from kdlib.identity import canonical, run_id
+from kdlib.runs import is_finished
+from kdlib.train import fit
+from kdlib.train_config import TrainConfig, load_train_config
 
 GRID_KEYS = ("base", "grid", "teachers", "students", "match")
 DEFAULT_MATCH = ("cache", "splits", "repeat", "fold", "ratio", "seed", "modalities")
@@ -240,8 +243,6 @@ class _Pool:
     """One worker process per device; a CUDA device is the only one its process sees."""
 
     def __init__(self, devices: list[str], runs_dir: Path) -> None:
-        import torch.multiprocessing as mp
-
         ctx = mp.get_context("spawn")
         self.tasks, self.results, self.procs = ctx.Queue(), ctx.Queue(), []
         threads = max(1, (os.cpu_count() or 1) // len(devices))

@@ -61,3 +61,10 @@ def resolve(path: str | Path) -> Path:
     """A user path: absolute stays, relative is taken from the output root; `~` and $VARS expand."""
     p = Path(os.path.expandvars(os.path.expanduser(str(path))))
     return p if p.is_absolute() else output_root() / p
+
+
+def portable_path(path: str | Path) -> str:
+    """A data path as the run id sees it: relative to the output root (posix) when it lies under
+    it, so moving the project or KDLIB_HOME keeps the ids; else absolute."""
+    full, root = resolve(path).resolve(), output_root().resolve()
+    return full.relative_to(root).as_posix() if full.is_relative_to(root) else full.as_posix()

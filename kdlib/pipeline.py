@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import nbformat
+import papermill
 import yaml
+from papermill.exceptions import PapermillExecutionError
 
 from kdlib.config import read_yaml
 from kdlib.errors import ConfigError, RunError
@@ -30,8 +33,6 @@ def list_notebooks(folder: str | Path | None = None) -> list[Path]:
 
 def notebook_parameters(path: str | Path) -> dict[str, dict[str, Any]]:
     """The parameters cell of a notebook: name -> {inferred_type_name, default, help} (papermill)."""
-    import papermill
-
     return dict(papermill.inspect_notebook(str(path)))
 
 
@@ -168,9 +169,6 @@ def run_profile(
 def _execute(plan: list[tuple[Path, dict[str, Any]]], name: str, out_dir: Path, log_output: bool,
              progress_bar: bool) -> list[Path]:
     """papermill.execute_notebook for each (notebook, parameters), cwd = the notebook's folder."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     done = []
     for nb, params in plan:
         out = out_dir / nb.name
@@ -191,8 +189,6 @@ def _execute(plan: list[tuple[Path, dict[str, Any]]], name: str, out_dir: Path, 
 
 def strip_outputs(path: str | Path) -> bool:
     """Remove outputs and execution counts from a notebook in place; True when it changed."""
-    import nbformat
-
     nb = nbformat.read(str(path), as_version=4)
     changed = False
     for cell in nb.cells:

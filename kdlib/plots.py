@@ -49,7 +49,7 @@ def _legend_below(fig: Figure, handles: list, labels: list[str] | None = None) -
 
 def _first(df: pd.DataFrame, given: str | None, candidates: Sequence[str]) -> str:
     """The column to use: `given`, else the first candidate the table has (run tables from
-    kdlib.runs.load_runs call the student `model`, synthetic ones `student`)."""
+    kdlib.results.load_runs call the student `model`, synthetic ones `student`)."""
     if given is not None:
         return given
     return next((c for c in candidates if c in df.columns), candidates[0])

@@ -163,7 +163,9 @@ def few_folds_caveat(n_pairs: int) -> str:
 
 def corrected_resampled_ttest(diffs: Sequence[float], test_train_ratio: float) -> dict[str, float]:
     """Corrected resampled t-test (Nadeau & Bengio 2003) of paired per-fold differences d:
-    t = mean(d) / sqrt((1/k + n_test/n_train) s^2), df = k - 1, two-sided p.
+    t = mean(d) / sqrt((1/k + n_test/n_train) s^2), df = k - 1, two-sided p. Given the k x r
+    differences of repeated k-fold cross-validation it is the corrected repeated k-fold t-test
+    (Bouckaert & Frank 2004; kdlib.comparisons.repeated_cv_ttest adds its interval).
 
     Returns mean, std (s, ddof=1), se (the corrected standard error), t, df, p, n. With fewer than
     two differences or zero variance, t and p are NaN (with a warning), never 0 or infinity.
@@ -277,14 +279,18 @@ def compare_to_baseline(runs: pd.DataFrame, baseline, metric: str,
     `baseline` is a value of by[0] (e.g. "ce"), a {column: value} dict or a boolean mask.
     Every group and the baseline must have at most one run per `pair_on` key (DataError otherwise).
     `test_train_ratio` = n_test / n_train; when None it is, per group, the mean ratio of the
-    columns n_test_slices / n_train_slices (as kdlib.runs.load_runs gives them) or n_test / n_train
+    columns n_test_slices / n_train_slices (as kdlib.results.load_runs gives them) or n_test / n_train
     over the group's and the baseline's runs of its pairs (groups such as imbalance ratios train
     on different numbers of slices). Columns of the result: by..., metric, n_pairs,
     test_train_ratio, baseline_mean, method_mean, mean_diff, std_diff, ci_low, ci_high, t,
     p_corrected_t, p_wilcoxon, p_holm (corrected-t p, Holm over the groups of this call), caveat.
+    A run table with a `repeat` column is paired on it too. kdlib.hypotheses.effect_table is the
+    per-split analysis of the repeated design (seeds averaged within a split, declared families).
     """
     check_boot_settings(ci=ci)
     by, pair_on = list(by), list(pair_on)
+    if "repeat" in runs.columns and "repeat" not in (*pair_on, *by):
+        pair_on.append("repeat")  # repeated cross-validation: fold f of two repeats differs
     _check_columns(runs, [*by, *pair_on, metric], "compare_to_baseline")
     ttr = "__test_train_ratio"
     if test_train_ratio is None:

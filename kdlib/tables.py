@@ -1,4 +1,4 @@
-"""Result tables: CSV for the record, LaTeX booktabs for the thesis (written by hand, no jinja)."""
+"""Result tables: CSV for the record, LaTeX booktabs for the thesis (pandas Styler.to_latex)."""
 
 from __future__ import annotations
 
@@ -105,25 +105,20 @@ def _cell(value, digits: int) -> str:
 
 def to_latex(df: pd.DataFrame, bold_best: Mapping[str, str] | None = None,
              caption: str | None = None, label: str | None = None, digits: int = 3) -> str:
-    """A booktabs table (\\toprule, \\midrule, \\bottomrule) inside a table float; text cells are
-    escaped, the best value of each bold_best column is set in bold (ties all bold)."""
+    """A booktabs table (\\toprule, \\midrule, \\bottomrule) inside a table float, written by
+    pandas' Styler.to_latex; text cells are escaped, the best value of each bold_best column is
+    set in bold (ties all bold)."""
     best = _best_rows(df, bold_best or {})
     align = "".join("r" if _numeric_like(df[c]) else "l" for c in df.columns)
-    lines = [r"\begin{table}[tbp]", r"\centering"]
-    if caption:
-        lines.append(rf"\caption{{{latex_escape(caption)}}}")
-    if label:
-        lines.append(rf"\label{{{label}}}")
-    lines += [rf"\begin{{tabular}}{{{align}}}", r"\toprule",
-              " & ".join(latex_escape(c) for c in df.columns) + r" \\", r"\midrule"]
-    for i, row in enumerate(df.itertuples(index=False)):
-        cells = []
-        for col, value in zip(df.columns, row):
-            text = latex_escape(_cell(value, digits))
-            cells.append(rf"\textbf{{{text}}}" if i in best.get(col, ()) else text)
-        lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
-    return "\n".join(lines)
+    styler = (df.style.hide(axis="index")
+              .format(lambda value: latex_escape(_cell(value, digits)))
+              .format_index(latex_escape, axis="columns"))
+    for col, rows in best.items():
+        styler = styler.apply(lambda c, rows=rows: ["textbf:--rwrap;" if i in rows else ""
+                                                    for i in range(len(c))], subset=[col])
+    return styler.to_latex(column_format=align, position="tbp", position_float="centering",
+                           hrules=True, label=label,
+                           caption=latex_escape(caption) if caption else None)
 
 
 def write_table(df: pd.DataFrame, name: str, profile: str = "default", root: str | Path = "figures",

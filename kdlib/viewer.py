@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import ipywidgets as w
 import matplotlib.pyplot as plt
 import numpy as np
+from IPython.display import display
 from matplotlib.figure import Figure
 
 from kdlib import MODALITIES
@@ -41,8 +43,6 @@ def slice_figure(image: np.ndarray, seg: np.ndarray, z: int, modalities: Sequenc
 def show_viewer(records: Sequence[SubjectRecord], subject: str = "", static: bool | None = None) -> None:
     """Subject, modality, slice slider and overlay toggle (ipywidgets); with `static` (default: when
     $KDLIB_STATIC_FIGURES is set, as under papermill) the tumour's middle slice of one subject."""
-    from IPython.display import display
-
     if not records:
         raise ConfigError("show_viewer needs at least one subject record")
     by_id = {r.subject_id: r for r in records}
@@ -68,8 +68,6 @@ def show_viewer(records: Sequence[SubjectRecord], subject: str = "", static: boo
         display(fig)
         plt.close(fig)
         return
-
-    import ipywidgets as w
 
     image, seg = volume(first.subject_id)
     pick = w.Dropdown(options=sorted(by_id), value=first.subject_id, description="subject")

@@ -1,5 +1,6 @@
-"""The notebooks' data steps: get a dataset, build its slice cache and splits, and record them in
-the profile's manifest (`runs/<profile>/manifest.yaml`) so later notebooks find them."""
+"""The notebooks' data steps and the profile's manifest: get a dataset, build its slice cache and
+splits, and record them in `runs/<profile>/manifest.yaml` so later notebooks find them (what the
+data look like: kdlib.summaries)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import yaml
 
 from kdlib import MODALITIES
@@ -18,10 +17,17 @@ from kdlib.config import check_choice, from_dict, to_dict
 from kdlib.data.cache import PrepConfig, load_slice_table, prepare_cache
 from kdlib.data.phantom import PhantomConfig
 from kdlib.data.phantom_files import make_phantom
-from kdlib.data.splits import SplitConfig, load_splits, make_splits, save_splits, subject_table
+from kdlib.data.splits import (
+    SplitConfig,
+    load_splits,
+    make_splits,
+    save_splits,
+    split_pairs,
+    subject_table,
+)
 from kdlib.errors import ConfigError, DataError
-from kdlib.paths import ProfilePaths, profile_paths, resolve
-from kdlib.runs import portable_path, write_yaml
+from kdlib.paths import ProfilePaths, portable_path, profile_paths, resolve
+from kdlib.runs import write_yaml
 
 SOURCES = ("phantom", "nifti", "h5")
 MANIFEST = "manifest.yaml"
@@ -152,103 +158,8 @@ def paths(profile: str) -> ProfilePaths:
     return profile_paths(profile).make()
 
 
-def read_slices(cache_h5: str | Path, rows: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Images (n, 4, S, S) float32 and masks (n, S, S) of the given cache rows, in the order given."""
-    import h5py
-
-    unique, back = np.unique(np.asarray(rows, dtype=int), return_inverse=True)  # h5py: increasing
-    with h5py.File(cache_h5, "r") as f:
-        images = f["images"][unique].astype(np.float32)
-        masks = f["masks"][unique]
-    return images[back], masks[back]
-
-
-def sample_rows(table: pd.DataFrame, per_class: int, seed: int = 0) -> pd.DataFrame:
-    """Up to `per_class` random slices of each class of a slice table (for plots)."""
-    parts = [g.sample(min(per_class, len(g)), random_state=seed) for _, g in table.groupby("label")]
-    return pd.concat(parts).sort_values("row") if parts else table.iloc[:0]
-
-
-def fold_overview(splits: pd.DataFrame, table: pd.DataFrame, ratios: list[float | None],
-                  seed: int = 0) -> pd.DataFrame:
-    """Per repeat, fold and training ratio: subjects per set, achieved HGG:LGG ratio, training
-    slices per class, and the leakage check (every set pair disjoint) as it runs for training."""
-    from kdlib import CLASSES
-    from kdlib.data.splits import achieved_ratio, check_no_leakage, fold_subjects, split_pairs
-
-    rows = []
-    for repeat, fold in split_pairs(splits):
-        for ratio in ratios:
-            sets = fold_subjects(splits, fold, ratio, seed, repeat)
-            check_no_leakage(sets)  # raises DataError naming the subjects if any leak
-            train = table[table["subject_id"].isin(sets["train"])]
-            counts = train["label"].value_counts()
-            rows.append({"repeat": repeat, "fold": fold,
-                         "target_ratio": "natural" if ratio is None else ratio,
-                         "achieved_ratio": round(achieved_ratio(splits, sets["train"]), 2),
-                         "train_subjects": len(sets["train"]), "val_subjects": len(sets["val"]),
-                         "test_subjects": len(sets["test"]),
-                         **{f"train_{c}": int(counts.get(c, 0)) for c in CLASSES},
-                         "leakage": "none"})
-    return pd.DataFrame(rows)
-
-
-def split_labels(splits: pd.DataFrame, table: pd.DataFrame, repeat: int = 0) -> pd.DataFrame:
-    """The slice table with a `split` column, `test` or `fold k`, as repeat `repeat` of the splits
-    assigns the subjects (for class-distribution plots)."""
-    from kdlib.data.splits import TEST_FOLD, split_table
-
-    split_table(splits, table.iloc[:0], repeat)  # a clear error for a repeat not in the splits
-    part = splits[splits["repeat"] == repeat]
-    name = {f: ("test" if f == TEST_FOLD else f"fold {f}") for f in part["fold"].unique()}
-    merged = table.merge(part[["subject_id", "fold"]], on="subject_id")
-    return merged.assign(split=merged["fold"].map(name))
-
-
-def intensity_stats(images: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
-    """Mean and std of brain (non-zero) pixel intensities per modality and slice class."""
-    from kdlib import CLASSES, MODALITIES
-
-    rows = []
-    for c in CLASSES:
-        for i, m in enumerate(MODALITIES):
-            v = images[labels == c, i]
-            v = v[v != 0]
-            rows.append({"modality": m, "class": c, "mean": v.mean() if v.size else np.nan,
-                         "std": v.std() if v.size else np.nan})
-    return pd.DataFrame(rows).pivot(index="modality", columns="class", values=["mean", "std"])
-
-
 def split_folds(profile: str) -> dict[str, list[int]]:
     """The repeats and folds of the profile's splits (the holdout test set excluded), as
     `Experiment.configs(..., folds=, repeats=)` takes them."""
-    from kdlib.data.splits import split_pairs
-
     pairs = split_pairs(load_splits(data_settings(profile)["splits"]))
     return {"repeats": sorted({r for r, _ in pairs}), "folds": sorted({f for _, f in pairs})}
-
-
-def grid_devices(device: str = "auto", workers: int = 1) -> list[str] | None:
-    """The `devices` of run_grid: on a GPU machine (device auto/cuda) None, i.e. one process per
-    GPU; on the CPU `workers` single-threaded processes (small CNNs train faster that way than
-    with one multi-threaded process), or None for one in-process run at a time."""
-    import torch
-
-    if workers < 1:
-        raise ConfigError(f"workers={workers!r} must be >= 1")
-    if device.startswith("cuda:"):
-        return [device]  # that GPU only, not every GPU of the machine
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    return ["cpu"] * workers if on_cpu and workers > 1 else None
-
-
-def tumour_regions(table: pd.DataFrame) -> pd.DataFrame:
-    """Per grade: each BraTS sub-region's share of the tumour pixels of the tumour slices, and the
-    number of tumour slices per subject (from a slice table)."""
-    tumour = table[table["label"] != "healthy"]
-    regions = tumour.groupby("grade")[["ncr_pixels", "ed_pixels", "et_pixels"]].sum()
-    regions = regions.div(regions.sum(axis=1), axis=0)
-    regions.columns = ["NCR/NET (1)", "edema (2)", "enhancing (4)"]
-    regions["tumour slices / subject"] = (tumour.groupby("grade").size()
-                                          / table.groupby("grade")["subject_id"].nunique())
-    return regions

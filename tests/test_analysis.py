@@ -20,10 +20,11 @@ from kdlib import analysis as A
 from kdlib.errors import DataError
 from kdlib.experiment import Experiment
 from kdlib.grid import run_grid
+from kdlib.identity import method_name, run_id
 from kdlib.metrics import run_metrics
-from kdlib.runs import load_predictions, load_runs, method_name, run_id
+from kdlib.results import load_predictions, load_runs
 from kdlib.stats import holm
-from kdlib.train import TrainConfig
+from kdlib.train_config import TrainConfig
 
 PARAMS = {"cnn_xs": 6_000, "cnn_s": 40_000, "cnn_m": 150_000, "cnn_l": 600_000}
 

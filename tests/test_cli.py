@@ -15,8 +15,9 @@ from kdlib import CLASSES
 from kdlib.cli import build_parser, main
 from kdlib.data.cache import cache_summary, load_slice_table
 from kdlib.data.splits import load_splits
-from kdlib.runs import load_runs, run_id
-from kdlib.train import TrainConfig
+from kdlib.identity import run_id
+from kdlib.results import load_runs
+from kdlib.train_config import TrainConfig
 from kdlib.workbook import read_manifest
 
 SUBCOMMANDS = ["phantom", "prepare", "train", "grid", "run", "strip"]

@@ -7,8 +7,10 @@ from helpers_train import tiny_config, tiny_train_data
 
 from kdlib.errors import ConfigError, RunError
 from kdlib.grid import expand_grid, grid_levels, load_grid, run_grid
-from kdlib.runs import load_history, load_predictions, load_runs, run_id
-from kdlib.train import TrainConfig, fit
+from kdlib.identity import run_id
+from kdlib.results import load_history, load_predictions, load_runs
+from kdlib.train import fit
+from kdlib.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")

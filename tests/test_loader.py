@@ -1,4 +1,4 @@
-"""kdlib.data.loader: tensors from the cache, batched augmentation, epoch samplers."""
+"""kdlib.data.loader: tensors and masks from the cache, batched augmentation, epoch samplers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ import torch
 from helpers_train import make_cache
 
 from kdlib import CLASSES
-from kdlib.data.loader import augment_batch, class_counts, epoch_indices, epoch_length, load_tensors
+from kdlib.data.loader import (
+    augment_batch,
+    class_counts,
+    epoch_indices,
+    epoch_length,
+    host_to_device,
+    load_masks,
+    load_tensors,
+)
 from kdlib.errors import DataError
 
 
@@ -87,6 +95,20 @@ def test_a_process_reads_a_cache_file_once_and_again_when_it_changes(tmp_path, m
     assert not loader._KEPT
 
 
+def test_load_masks_in_table_order_with_repeats(cache):
+    table = pd.read_csv(cache.with_suffix(".csv"))
+    pick = table.iloc[[7, 0, 12, 3, 12]]  # unsorted, with a duplicate
+    with h5py.File(cache, "r") as f:
+        want = np.stack([f["masks"][r] for r in pick["row"]])
+    masks = load_masks(cache, pick)
+    assert masks.dtype == np.uint8 and masks.shape == (5, 16, 16)
+    np.testing.assert_array_equal(masks, want)
+    assert masks[0].any() and masks[3].any() and not masks[1].any()  # tumour, healthy slices
+    assert load_masks(cache, table.iloc[:0]).shape == (0, 16, 16)
+    with pytest.raises(DataError, match="does not exist"):
+        load_masks(cache.with_name("none.h5"), pick)
+
+
 def _x(n=6, c=2, s=8):
     return torch.arange(n * c * s * s, dtype=torch.float32).reshape(n, c, s, s) / 100
 
@@ -157,3 +179,36 @@ def test_samplers_balance_and_length():
     assert torch.equal(a, b)
     with pytest.raises(DataError, match="oversample"):
         epoch_indices(y, "smote", g)
+
+
+class _FakeTensor:
+    """Records how host_to_device moves it."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def pin_memory(self):
+        self.calls.append("pin_memory")
+        return self
+
+    def to(self, device, non_blocking=False):
+        self.calls.append(("to", str(device), non_blocking))
+        return self
+
+
+def test_host_to_device_pins_and_does_not_block_for_cuda_only():
+    calls = []
+    host_to_device(_FakeTensor(calls), torch.device("cuda:0"))
+    assert calls == ["pin_memory", ("to", "cuda:0", True)]
+    calls.clear()
+    host_to_device(_FakeTensor(calls), torch.device("cpu"))
+    assert calls == [("to", "cpu", False)]
+
+
+def test_augment_moves_its_random_numbers_with_host_to_device(monkeypatch):
+    import kdlib.data.loader as L
+
+    moved = []
+    monkeypatch.setattr(L, "host_to_device", lambda t, dev: moved.append(t.shape) or t.to(dev))
+    augment_batch(_x(n=4, c=2), torch.Generator().manual_seed(0))
+    assert moved == [(4, 2, 3), (2, 4, 2, 1, 1)]  # the affine matrices, the jitter

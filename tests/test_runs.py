@@ -1,77 +1,91 @@
-"""kdlib.runs: run ids, method names, the results table and run-folder readers."""
+"""kdlib.runs: run folders (finished or not), teacher lookup, resume checks, atomic writes, and
+finishing a run folder."""
 
 from __future__ import annotations
 
-import re
+import json
 
+import pandas as pd
 import pytest
-from helpers_train import tiny_config, tiny_train_data
+import torch
+import yaml
 
 from kdlib.errors import RunError
-from kdlib.runs import load_predictions, load_runs, run_id
-from kdlib.train import TrainConfig
+from kdlib.runs import (
+    RUN_FILES,
+    check_resume,
+    finish_run,
+    is_finished,
+    save_atomic,
+    teacher_dir,
+    write_yaml,
+)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_train_data(tmp_path_factory.mktemp("data"))
+def finished(folder):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text("{}")
+    return folder
 
 
-def cfg(data, **over):
-    return TrainConfig.from_dict(tiny_config(*data, **over))
+def test_is_finished_needs_metrics_and_a_final_name(tmp_path):
+    assert is_finished(finished(tmp_path / "run-a"))
+    assert not is_finished(finished(tmp_path / ".tmp-run-b"))
+    (tmp_path / "run-c").mkdir()
+    assert not is_finished(tmp_path / "run-c") and not is_finished(tmp_path / "none")
 
 
-def test_run_id_is_readable_and_stable(data):
-    a = cfg(data, ratio=4, loss_params={})
-    assert re.fullmatch(r"cnn_xs-ce-f0-r4-s0-[0-9a-f]{8}", run_id(a))
-    assert run_id(a) == run_id(cfg(data, ratio=4.0, device="auto", deterministic=False))
-    assert run_id(a) != run_id(cfg(data, ratio=4, seed=1))
-    assert run_id(a) != run_id(cfg(data, ratio=4, repeat=1))
-    from kdlib.runs import config_identity
-
-    assert "repeat" not in config_identity(a)  # runs from before repeats (repeat 0) keep their id
-    f1 = cfg(data, task_loss="focal", loss_params={"gamma": 2})
-    assert run_id(f1) == run_id(cfg(data, task_loss="focal", loss_params={"gamma": 2.0}))
-    kd = cfg(data, distiller="kd", task_loss="logit_adjusted", teacher="/x/runs/t-123")
-    assert run_id(kd).startswith("cnn_xs-kd+logit_adjusted-f0-rnat-s0-")
-    same = cfg(data, distiller="kd", task_loss="logit_adjusted", teacher="t-123")
-    assert run_id(kd) == run_id(same)
+def test_teacher_dir_by_run_id_or_path_and_its_errors(tmp_path):
+    runs = tmp_path / "runs"
+    t = finished(runs / "cnn_m-ce-f0-r4-s0-12345678")
+    assert teacher_dir(t.name, runs) == t
+    assert teacher_dir(str(t), tmp_path / "elsewhere") == t
+    (runs / ".tmp-cnn_m-ce-f1-r4-s0-aaaaaaaa").mkdir()
+    with pytest.raises(RunError, match=r"teacher run cnn_m-ce-f1-r4-s0-aaaaaaaa is unfinished"):
+        teacher_dir("cnn_m-ce-f1-r4-s0-aaaaaaaa", runs)
+    with pytest.raises(RunError, match=r"teacher 'nope' not found.*train the teacher first"):
+        teacher_dir("nope", runs)
 
 
-def test_run_id_survives_moving_the_output_root(data, tmp_path, monkeypatch):
-    ids = []
-    for home in ("a", "b"):
-        monkeypatch.setenv("KDLIB_HOME", str(tmp_path / home))
-        root = tmp_path / home
-        ids.append(run_id(TrainConfig.from_dict(tiny_config(root / "data" / "c.h5",
-                                                            root / "runs" / "splits.csv"))))
-        ids.append(run_id(TrainConfig.from_dict(tiny_config("data/c.h5", "runs/splits.csv"))))
-    assert len(set(ids)) == 1
-    outside = run_id(TrainConfig.from_dict(tiny_config(tmp_path / "c.h5", "runs/splits.csv")))
-    assert outside != ids[0]  # a file outside the output root keeps its absolute path
-    from kdlib.runs import RUN_VERSION, config_identity
-
-    ident = config_identity(TrainConfig.from_dict(tiny_config(tmp_path / "c.h5", "runs/s.csv")))
-    assert ident["run_version"] == RUN_VERSION
-    assert ident["cache"] == (tmp_path / "c.h5").resolve().as_posix()
-    assert ident["splits"] == "runs/s.csv"
+def test_check_resume_names_what_changed(tmp_path):
+    saved = {"config": {"lr": 0.001, "epochs": 3}, "data": {"splits": "aa"},
+             "execution": {"device_type": "cpu", "autocast": False}}
+    check_resume(saved, saved, tmp_path)  # the same: no error
+    changed = {**saved, "config": {"lr": 0.1, "epochs": 3}, "data": {"splits": "bb"}}
+    with pytest.raises(RunError, match=r"changed since.*\(lr: 0\.001 -> 0\.1; splits: 'aa' -> 'bb'\)"):
+        check_resume(changed, saved, tmp_path)
+    gpu = {**saved, "execution": {"device_type": "cuda", "autocast": True}}
+    with pytest.raises(RunError, match=r"started on cpu \(float32\).*continue on cuda \(bf16"):
+        check_resume(gpu, saved, tmp_path)
 
 
-def test_load_runs_empty_and_missing_files(tmp_path):
-    assert load_runs(tmp_path / "none").empty
-    assert "env.device" in load_runs(tmp_path / "none").columns
-    with pytest.raises(RunError, match="predictions.csv not found"):
-        load_predictions(tmp_path)
+def test_atomic_writes_leave_no_partial_file(tmp_path):
+    write_yaml(tmp_path / "c.yaml", {"b": 1, "a": [1, 2]})
+    assert (tmp_path / "c.yaml").read_text().splitlines()[0] == "b: 1"  # order kept
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text()) == {"b": 1, "a": [1, 2]}
+    save_atomic(tmp_path / "m.pt", {"w": torch.ones(2)})
+    assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=True)["w"], torch.ones(2))
+    assert not list(tmp_path.glob("*.part"))
 
 
-def test_method_name_tells_every_variant_apart():
-    from kdlib.runs import method_name
+def _finish(tmp, final, value=1.0):
+    tmp.mkdir()
+    write_yaml(tmp / "config.yaml", {"lr": 0.1})
+    (tmp / "checkpoint.pt").write_bytes(b"x")
+    pred = pd.DataFrame({"subject_id": ["a"], "p_LGG": [0.5]})
+    history = pd.DataFrame({"epoch": [1], "time_s": [0.1]})
+    return finish_run(tmp, final, pred, {"macro_f1": value}, history, {"w": torch.zeros(1)},
+                      {"device": "cpu", "teacher_path": ""})
 
-    base = {"task_loss": "ce", "distiller": None, "distill_params": {}, "sampler": "none",
-            "posthoc_tau": None}
-    assert method_name(base) == "ce"
-    assert method_name({**base, "distiller": "kd"}) == "kd"
-    assert method_name({**base, "distiller": "kd", "distill_params": {"original": True}}) == "kd_original"
-    assert method_name({**base, "distiller": "kd", "task_loss": "logit_adjusted"}) == "kd+logit_adjusted"
-    assert method_name({**base, "sampler": "oversample"}) == "ce+oversample"
-    assert method_name({**base, "posthoc_tau": 1.0}) == "ce+posthoc"
+
+def test_finish_run_writes_every_file_and_renames(tmp_path):
+    final = _finish(tmp_path / ".tmp-r", tmp_path / "r")
+    assert final == tmp_path / "r" and is_finished(final) and not (tmp_path / ".tmp-r").exists()
+    assert sorted(p.name for p in final.iterdir()) == sorted(RUN_FILES)
+    assert json.loads((final / "metrics.json").read_text()) == {"macro_f1": 1.0}
+    env = json.loads((final / "env.json").read_text())
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__
+    # a second process that finishes the same run later keeps the first folder, drops its own
+    assert _finish(tmp_path / ".tmp-r", tmp_path / "r", value=2.0) == final
+    assert json.loads((final / "metrics.json").read_text()) == {"macro_f1": 1.0}
+    assert not (tmp_path / ".tmp-r").exists()

@@ -1,6 +1,7 @@
 """kdlib.stats: patient bootstrap against scipy, corrected t-test and Holm against hand examples."""
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -168,7 +169,7 @@ def test_compare_to_baseline_pairs_on_ratio_and_student():
     assert sorted(out["n_pairs"]) == [2, 2, 2] + [3] * 6
     with pytest.raises(DataError, match="share the same.*differ in \\['ratio'\\]"):
         compare_to_baseline(runs, "ce", "macro_f1", pair_on=("fold",))
-    # column names as kdlib.runs.load_runs writes them
+    # column names as kdlib.results.load_runs writes them
     named = runs.rename(columns={"n_test": "n_test_slices", "n_train": "n_train_slices"})
     named.loc[:, "n_test_slices"] = 500
     with pytest.warns(UserWarning):
@@ -273,3 +274,15 @@ def test_bootstrap_fold_mean_reduces_to_single_run_and_pairwise_forms():
         assert both.loc[m, "estimate"] == pytest.approx(
             (single["a"].loc[m, "estimate"] + single["b"].loc[m, "estimate"]) / 2)
     assert bootstrap_fold_mean([a, a], [a, a], **kw)["high"].abs().max() == 0
+
+
+def test_compare_to_baseline_pairs_on_repeat_when_the_table_has_one():
+    one = synthetic_runs(folds=3)
+    two = pd.concat([one.assign(repeat=0), one.assign(repeat=1, f1_LGG=one["f1_LGG"] + 0.01)],
+                    ignore_index=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = compare_to_baseline(two, "ce", "f1_LGG").set_index("method")
+        ref = compare_to_baseline(one, "ce", "f1_LGG").set_index("method")
+    assert (out["n_pairs"] == 6).all()
+    assert out.loc["kd", "mean_diff"] == pytest.approx(ref.loc["kd", "mean_diff"])

@@ -38,7 +38,7 @@ def records(tmp_path_factory):
 def shown(monkeypatch):
     """Whatever show_viewer displays, in order."""
     out = []
-    monkeypatch.setattr("IPython.display.display", lambda *objs, **kw: out.extend(objs))
+    monkeypatch.setattr("kdlib.viewer.display", lambda *objs, **kw: out.extend(objs))
     return out
 
 

@@ -1,7 +1,8 @@
 """Find and read BraTS2020 training subjects: the NIfTI release and the Kaggle H5 slices.
 
 Both readers give the same `SubjectRecord` and the same `load_subject` output, so everything
-downstream is format-blind. File facts are in shared/BRATS_FORMAT.md.
+downstream is format-blind. The file layouts are described in the README, "The real BraTS2020";
+the labels are those of the BraTS benchmark (Menze et al., IEEE TMI 2015; Bakas et al. 2018).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
+import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -202,7 +205,6 @@ def discover_nifti(data_dir: Path) -> list[SubjectRecord]:
 
 
 def _read_nifti(path: Path) -> np.ndarray:
-    import nibabel as nib
 
     try:
         img = nib.load(str(path))
@@ -366,7 +368,6 @@ def _check_meta(data_dir: Path, slices: dict[int, dict[int, Path]]) -> None:
 
 
 def _read_h5_slice(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import h5py
 
     try:
         with h5py.File(path, "r") as f:

@@ -20,8 +20,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 import kdlib
 from kdlib import CLASSES, GRADES, MODALITIES
@@ -129,9 +133,6 @@ def resize_slices(image: np.ndarray, seg: np.ndarray, size: int) -> tuple[np.nda
 
     Images: bilinear with antialiasing (a real resampling, unlike np.resize); masks: nearest.
     """
-    import torch
-    import torch.nn.functional as F
-
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(3, 0, 1, 2)))
     m = torch.from_numpy(np.ascontiguousarray(seg.transpose(2, 0, 1)[:, None].astype(np.float32)))
     if x.shape[-1] != size or x.shape[-2] != size:
@@ -190,8 +191,6 @@ def process_subject(
 
 
 def _init_worker() -> None:
-    import torch
-
     torch.set_num_threads(1)
 
 
@@ -215,7 +214,6 @@ def cache_key(records: list[SubjectRecord], prep: PrepConfig) -> str:
 
 
 def _is_complete(h5_path: Path) -> bool:
-    import h5py
 
     if not (h5_path.is_file() and h5_path.with_suffix(".csv").is_file()):
         return False
@@ -242,9 +240,6 @@ def prepare_cache(
     (CSV first, H5 last), so an interrupted build never leaves a cache that looks complete.
     reader_kw (channel_order, volume_map) go to `discover`.
     """
-    import h5py
-    from tqdm.auto import tqdm
-
     records = discover(root, fmt=fmt, **reader_kw)
     reader = {
         k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
@@ -348,7 +343,6 @@ def _run(records: list[SubjectRecord], prep: PrepConfig):
 
 def load_slice_table(cache_h5: str | Path) -> pd.DataFrame:
     """The slice table (CSV beside the cache, same stem), checked against the cache's row count."""
-    import h5py
 
     cache_h5 = Path(cache_h5)
     csv = cache_h5.with_suffix(".csv")

@@ -3,10 +3,12 @@ whose hidden HGG-likeness drives every grade cue (`difficulty` makes the grades 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -100,17 +102,13 @@ def _spacing(shape: tuple[int, int, int]) -> np.ndarray:
 @lru_cache(maxsize=1)
 def _mni() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MNI152 2009 brain mask, GM and WM maps (1 mm) as shipped with nilearn, scaled to [0, 1]."""
-    import importlib.util
-
-    import nibabel as nib
-
     data = Path(importlib.util.find_spec("nilearn").origin).parent / "datasets" / "data"
     names = [f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")]
     if all(
         (data / n).is_file() for n in names
     ):  # direct read: importing nilearn.datasets costs ~4 s
         t1, gm, wm = (nib.load(data / n).get_fdata(dtype=np.float32) for n in names)
-    else:
+    else:  # nilearn.datasets is imported only here, where it is needed: it takes ~4 s
         from nilearn import datasets
 
         t1, gm, wm = (

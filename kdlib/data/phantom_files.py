@@ -1,5 +1,6 @@
 """Write the synthetic BraTS2020 dataset in the real layouts (NIfTI, Kaggle H5 slices, CSV tables)
-behind a completion marker, so a complete dataset is reused. File facts: shared/BRATS_FORMAT.md."""
+behind a completion marker, so a complete dataset is reused. The layouts are those of the README,
+"The real BraTS2020"."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+import h5py
+import nibabel as nib
 import numpy as np
+from tqdm.auto import tqdm
 
 from kdlib import MODALITIES
 from kdlib.config import to_dict
@@ -52,7 +56,6 @@ def _grades(cfg: PhantomConfig) -> list[str]:
 
 
 def _nifti_bytes(data: np.ndarray, compress: bool) -> bytes:
-    import nibabel as nib
 
     affine = np.array(
         [[-1.0, 0, 0, 0], [0, -1.0, 0, data.shape[1] - 1], [0, 0, 1.0, 0], [0, 0, 0, 1]]
@@ -91,7 +94,6 @@ def _write_h5_slices(
 ) -> None:
     """Kaggle layout: volume_{index}_slice_{z}.h5 with image (X, Y, 4) float64 z-scored per
     slice/channel over the full frame, and mask (X, Y, 3) uint8 one-hot planes for labels 1, 2, 4."""
-    import h5py
 
     data_dir.mkdir(parents=True, exist_ok=True)
     order = [MODALITIES.index(m) for m in cfg.h5_channel_order]
@@ -168,7 +170,6 @@ def make_phantom(
     Subjects are built in a temporary folder and moved into place; the marker file is written
     last, so an interrupted run never looks complete. One writer per `out_dir` at a time.
     """
-    from tqdm.auto import tqdm
 
     cfg = cfg or PhantomConfig()
     out = Path(out_dir).expanduser()
