@@ -34,9 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers_eval import synthetic_predictions
 
 from kdlib import CLASSES, analysis
-from kdlib.experiment import Experiment, select_runs
+from kdlib.experiment import Experiment
 from kdlib.metrics import run_metrics
-from kdlib.runs import load_runs, run_id
+
+try:  # the module layout since the module-boundaries refactor
+    from kdlib.identity import run_id
+    from kdlib.results import load_runs, select_runs
+except ImportError:  # before it
+    from kdlib.experiment import select_runs
+    from kdlib.runs import load_runs, run_id
 
 DEMO = {"ratios": [1, 4, 16], "teacher": "cnn_s", "student": "cnn_xs",
         "grid_teachers": ["cnn_s", "cnn_m"], "grid_students": ["cnn_xs", "cnn_s"], "grid_ratio": 4.0}
