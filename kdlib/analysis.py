@@ -1,5 +1,7 @@
-"""Notebook 04's answers: the runs of each question, their summaries, paired tests, patient
-bootstraps, and the sentences that report them (every number comes from the run table)."""
+"""Notebook 04's analyses: the runs of each question, their summaries, the declared families and
+their effect-size tables (kdlib.hypotheses), question 2's correlation, the power of the design
+(kdlib.power), and the patient bootstrap, which measures the test-set sampling of one model and is
+not an interval of a method's gain. kdlib.answers turns the tables into the answers' text."""
 
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ import torch
 
 from kdlib import CLASSES, MINORITY, criterion
 from kdlib.data.splits import design_of, load_splits
+from kdlib.errors import DataError
 from kdlib.experiment import Experiment
+from kdlib.hypotheses import Family, cell_arms, cell_family, effect_table, family, gain_correlation
 from kdlib.metrics import run_metrics
 from kdlib.paths import resolve
 from kdlib.predictions import class_probabilities
 from kdlib.results import load_predictions
-from kdlib.stats import bootstrap_fold_mean, compare_to_baseline, summarize_runs
+from kdlib.stats import bootstrap_fold_mean, summarize_runs
 
 Q_METRICS: tuple[str, ...] = (f"f1_{MINORITY}", f"recall_{MINORITY}", f"precision_{MINORITY}",
                               "macro_f1", "balanced_accuracy", "patient_balanced_accuracy")
@@ -26,6 +30,8 @@ Q_METRICS: tuple[str, ...] = (f"f1_{MINORITY}", f"recall_{MINORITY}", f"precisio
 
 BASELINE = "ce"
 POSTHOC = "ce+posthoc"
+PRIMARY = "Q1 primary"
+Q2_FAMILY = "Q2 teacher x student"
 
 
 def _ratio_key(value) -> float:
@@ -119,19 +125,6 @@ def summary_table(runs: pd.DataFrame, metrics: Sequence[str] = Q_METRICS,
     return s
 
 
-def paired_tests(runs: pd.DataFrame, metrics: Sequence[str] = Q_METRICS,
-                 by: Sequence[str] = ("method", "ratio"),
-                 pair_on: Sequence[str] = ("fold", "ratio", "seed")) -> pd.DataFrame:
-    """compare_to_baseline against CE for each metric: per-fold paired differences, corrected
-    resampled t-test, Wilcoxon, Holm over the methods (and ratios) of each metric."""
-    parts = []
-    for m in metrics:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            parts.append(compare_to_baseline(runs, {"method": BASELINE}, m, pair_on, by))
-    return pd.concat(parts, ignore_index=True)
-
-
 def _tests_per_fold(runs: pd.DataFrame) -> bool:
     """True when the runs' splits are of design "cv" (each fold tests other subjects)."""
     if "splits" not in runs.columns or runs.empty:
@@ -190,115 +183,12 @@ def bootstrap_table(runs: pd.DataFrame, metrics: Sequence[str] = Q_METRICS,
     return pd.DataFrame(rows)
 
 
-def _fmt_ratio(r) -> str:
-    return "the natural ratio" if pd.isna(r) else f"{float(r):g}:1"
-
-
-def _p(value: float) -> str:
-    """A p-value for prose; NaN means every fold gave the same difference (no test possible)."""
-    return "n/a (identical in every fold)" if pd.isna(value) else f"{value:.3f}"
-
-
-def _side_effects(tests: pd.DataFrame, method: str, ratio) -> str:
-    """What a minority gain cost elsewhere: the method's macro-F1 and LGG precision vs CE's."""
-    row = tests[(tests["method"] == method) & in_ratios(tests["ratio"], [ratio])]
-    parts = []
-    for metric, name in (("macro_f1", "macro-F1"), (f"precision_{MINORITY}", "LGG precision")):
-        r = row[row["metric"] == metric]
-        if len(r):
-            parts.append(f"{name} {r['method_mean'].iloc[0]:.3f} against CE's "
-                         f"{r['baseline_mean'].iloc[0]:.3f}")
-    return f" ({'; '.join(parts)})" if parts else ""
-
-
 def teacher_scores(runs: pd.DataFrame, exp: Experiment, metric: str = f"f1_{MINORITY}"
                    ) -> pd.Series:
     """Question 1's teacher: mean `metric` over folds/seeds per training ratio (NaN = natural)."""
     t = runs[(runs["model"] == exp.teacher) & runs["distiller"].isna()
              & (runs["method"] == exp.teacher_loss) & in_ratios(runs["ratio"], exp.ratios)]
     return t.groupby("ratio", dropna=False)[metric].mean()
-
-
-def answer_q1(tests: pd.DataFrame, boot: pd.DataFrame, metric: str = f"f1_{MINORITY}",
-              alpha: float = 0.05, teacher: pd.Series | None = None) -> str:
-    """Markdown paragraphs answering question 1 from the paired tests and bootstrap of `metric`
-    (and, when given, the teacher's own score per ratio from `teacher_scores`)."""
-    t = tests[tests["metric"] == metric]
-    b = boot[(boot["metric"] == metric)]
-    lines = []
-    for ratio, grp in t.groupby("ratio", dropna=False, sort=True):
-        best = grp.sort_values("mean_diff", ascending=False).iloc[0]
-        base = grp["baseline_mean"].iloc[0]
-        sig = grp[grp["p_holm"] < alpha]
-        kd_like = grp[grp["method"].map(is_distilled)].sort_values("mean_diff", ascending=False)
-        bb = b[(b["method"] == best["method"]) & (in_ratios(b["ratio"], [ratio]))]
-        ci = (f" (paired patient-bootstrap 95% CI of the fold-mean gain "
-              f"[{bb['diff_low'].iloc[0]:+.3f}, {bb['diff_high'].iloc[0]:+.3f}])") if len(bb) else ""
-        text = f"- **At {_fmt_ratio(ratio)}**, the CE student reaches {metric} = {base:.3f}"
-        if teacher is not None:
-            own = teacher[[k for k in teacher.index if _ratio_key(k) == _ratio_key(ratio)
-                           or (pd.isna(k) and pd.isna(ratio))]]
-            text += f" and its teacher {own.iloc[0]:.3f}" if len(own) else ""
-        text += (f". The largest mean gain over CE is **{best['method']}**: "
-                 f"{best['mean_diff']:+.3f} over {int(best['n_pairs'])} folds{ci}, corrected-t "
-                 f"p = {_p(best['p_corrected_t'])}, Holm-adjusted p = {_p(best['p_holm'])}"
-                 f"{_side_effects(tests, best['method'], ratio)}.")
-        if len(kd_like):
-            kd_txt = ", ".join(f"{r['method']} {r['mean_diff']:+.3f}" for _, r in kd_like.iterrows())
-            text += f" Distillation methods, gain over CE: {kd_txt}."
-        text += (f" {len(sig)} of {len(grp)} methods differ from CE at Holm-adjusted p < {alpha}"
-                 + (f": {', '.join(sig['method'])}." if len(sig) else "."))
-        lines.append(text)
-    caveat = sorted(set(t["caveat"]) - {""})
-    if caveat:
-        lines.append(f"\n*Caveat:* {caveat[0]}")
-    return "\n".join(lines)
-
-
-def q2_gains(runs: pd.DataFrame, metrics: Sequence[str] = (f"f1_{MINORITY}", "macro_f1")
-             ) -> pd.DataFrame:
-    """Teacher x student gain of the distilled student over the same student trained alone
-    (paired on fold/seed), with the corrected t-test and Holm over the grid's cells."""
-    students = runs[runs["role"] != "teacher"]
-    params = runs.groupby("model")["params"].first()
-    parts = []
-    for m in metrics:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            g = compare_to_baseline(students, {"method": BASELINE}, m,
-                                    ("model", "fold", "ratio", "seed"), ("teacher_model", "model"))
-        parts.append(g)
-    out = pd.concat(parts, ignore_index=True)
-    out["teacher_model_params"] = out["teacher_model"].map(params)
-    out["model_params"] = out["model"].map(params)
-    return out
-
-
-def answer_q2(gains: pd.DataFrame, runs: pd.DataFrame, metric: str = f"f1_{MINORITY}",
-              alpha: float = 0.05) -> str:
-    """Markdown paragraphs answering question 2 from the teacher x student gains of `metric`."""
-    g = gains[gains["metric"] == metric].copy()
-    if g.empty:
-        return "No teacher x student runs were found."
-    best, worst = g.loc[g["mean_diff"].idxmax()], g.loc[g["mean_diff"].idxmin()]
-    sig = g[g["p_holm"] < alpha]
-    teachers = runs[runs["role"] == "teacher"].groupby("model")[metric].mean()
-    rho = g[["teacher_model_params", "mean_diff"]].corr(method="spearman").iloc[0, 1] \
-        if len(g) > 2 else float("nan")
-    size_ratio = g["teacher_model_params"] / g["model_params"]
-    rho_ratio = pd.Series(size_ratio).corr(g["mean_diff"], method="spearman") \
-        if len(g) > 2 else float("nan")
-    teacher_txt = ", ".join(f"{m} {v:.3f}" for m, v in teachers.sort_values().items())
-    return "\n".join([
-        f"- Teachers alone reach {metric}: {teacher_txt}.",
-        (f"- Best pair: **{best['teacher_model']} -> {best['model']}**, {best['mean_diff']:+.3f} "
-        f"over the student alone (Holm p = {_p(best['p_holm'])}); worst: {worst['teacher_model']} "
-        f"-> {worst['model']}, {worst['mean_diff']:+.3f} (Holm p = {_p(worst['p_holm'])})."),
-        (f"- {len(sig)} of {len(g)} teacher x student cells differ from the student alone at "
-        f"Holm-adjusted p < {alpha}."),
-        (f"- Spearman correlation of the gain with the teacher's parameter count: {rho:+.2f}; with "
-        f"the teacher/student size ratio: {rho_ratio:+.2f} (over {len(g)} cells)."),
-    ])
 
 
 def example_runs(runs: pd.DataFrame, exp: Experiment, ratio: float | None,
@@ -333,7 +223,104 @@ def ratio_axis(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     return table.assign(ratio_axis=table["ratio"].astype(float).fillna(fill))
 
 
-def best_method(tests: pd.DataFrame, ratio: float | None, metric: str = f"f1_{MINORITY}") -> str:
-    """The method with the largest mean gain over CE in `metric` at `ratio` (paired_tests rows)."""
-    at = tests[(tests["metric"] == metric) & in_ratios(tests["ratio"], [ratio])]
-    return str(at.sort_values("mean_diff").iloc[-1]["method"])
+
+
+def best_method(effects: pd.DataFrame, ratio: float | None, metric: str = f"f1_{MINORITY}") -> str:
+    """The method with the largest mean gain over CE in `metric` at `ratio` (q1_effects rows)."""
+    at = effects[(effects["metric"] == metric) & (effects["baseline"] == BASELINE)
+                 & in_ratios(effects["ratio"], [ratio])]
+    if at.empty:
+        raise DataError(f"no comparison with {BASELINE} on {metric} at ratio {ratio}")
+    return str(at.sort_values("gain").iloc[-1]["method"])
+
+
+def split_design(runs: pd.DataFrame) -> str:
+    """The runs' evaluation design, "cv" or "holdout", from their split file ("cv" without one)."""
+    if "splits" not in runs.columns or runs.empty:
+        return "cv"
+    return design_of(load_splits(resolve(runs["splits"].iloc[0])))
+
+
+def primary_family(exp: Experiment) -> Family:
+    """Question 1's declared family: each distillation method of the experiment against each
+    primary baseline (default CE and logit adjustment) on `primary_metric` at the family's ratios
+    (default: the natural or least imbalanced ratio and the strongest imbalance)."""
+    if not exp.distilled_methods:
+        raise DataError("the experiment has no distillation method: question 1's primary family "
+                        "is empty; list distillers, kd_task_losses or kd_original")
+    return family(PRIMARY, exp.distilled_methods, exp.family_baselines, exp.primary_metric,
+                  exp.family_ratios)
+
+
+def _effects(runs: pd.DataFrame, fam: Family, exp: Experiment, design: str | None, alpha: float,
+             n_boot: int, seed: int, **kw) -> pd.DataFrame:
+    design = design or split_design(runs)
+    return effect_table(runs, [fam], guard=exp.guard_metric, design=design, rope=exp.rope,
+                        margin=exp.rope, alpha=alpha, n_boot=n_boot, seed=seed,
+                        predictions=run_predictions if design == "holdout" else None, **kw)
+
+
+def q1_effects(q1: pd.DataFrame, exp: Experiment, design: str | None = None, alpha: float = 0.05,
+               n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Question 1's effect-size table (hypotheses.effect_table): the primary family with Holm
+    within it, then every other method against each primary baseline at each ratio, marked
+    exploratory. The guard is `guard_metric`, non-inferior within `rope`; `design` defaults to
+    the splits' own (the holdout design bootstraps patients, `n_boot` resamples)."""
+    return _effects(q1, primary_family(exp), exp, design, alpha, n_boot, seed)
+
+
+def q2_cells(q2: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
+    """Question 2's students (q2_runs) with an `arm` column: '<teacher>-><student>' distilled with
+    `grid_distiller`, '<student>' trained alone (hypotheses.cell_arms)."""
+    return cell_arms(q2, exp.grid_distiller)
+
+
+def q2_effects(cells: pd.DataFrame, exp: Experiment, design: str | None = None,
+               alpha: float = 0.05, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Question 2's own family: each teacher x student cell against the same student alone on
+    `primary_metric` at `grid_ratio`, Holm within it; with teacher_model, model and their
+    parameter counts for the heatmap."""
+    fam = cell_family(cells, Q2_FAMILY, exp.primary_metric, exp.grid_ratio)
+    out = _effects(cells, fam, exp, design, alpha, n_boot, seed, column="arm", baselines=())
+    params = model_params(cells)
+    out["teacher_model"] = out["method"].str.split("->").str[0]
+    out["model"] = out["baseline"]
+    out["teacher_model_params"] = out["teacher_model"].map(params)
+    out["model_params"] = out["model"].map(params)
+    return out
+
+
+def model_params(runs: pd.DataFrame) -> pd.Series:
+    """Parameter count per model name, from the runs' `params` and `teacher_params` columns."""
+    parts = [runs.groupby("model")["params"].first()] if "params" in runs else []
+    if "teacher_params" in runs and "teacher_model" in runs:
+        parts.append(runs.dropna(subset=["teacher_params"]).groupby("teacher_model")[
+            "teacher_params"].first())
+    out = pd.concat(parts) if parts else pd.Series(dtype=float)
+    return out[~out.index.duplicated()].astype(float)
+
+
+def q2_correlations(cells: pd.DataFrame, exp: Experiment, n_boot: int = 1000, seed: int = 0
+                    ) -> pd.DataFrame:
+    """Spearman correlation of each cell's gain with the teacher's parameter count and with the
+    teacher/student size ratio, with a bootstrap-over-splits interval (hypotheses.gain_correlation);
+    rho is None, with the reason, where there are too few cells."""
+    fam = cell_family(cells, Q2_FAMILY, exp.primary_metric, exp.grid_ratio)
+    params = model_params(cells)
+    rows = []
+    for name, size in (("teacher parameters", lambda t, s: params[t]),
+                       ("teacher/student size ratio", lambda t, s: params[t] / params[s])):
+        cells_ = [m.split("->", 1) for m, _ in fam.pairs]
+        missing = sorted({n for c in cells_ for n in c} - set(params.index))
+        if missing:
+            raise DataError(f"no parameter count for model(s) {missing}: the runs need a `params` "
+                            "(and `teacher_params`) column")
+        x = {f"{t}->{s}": float(size(t, s)) for t, s in cells_}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constant gains: scipy warns, rho is NaN
+            corr = gain_correlation(cells, fam, x, n_boot=n_boot, seed=seed)
+        if corr["rho"] is not None and not np.isfinite(corr["rho"]):
+            corr.update(rho=None, ci_low=None, ci_high=None,
+                        reason="every cell has the same mean gain: a rank correlation is undefined")
+        rows.append({"x": name, **corr})
+    return pd.DataFrame(rows)

@@ -21,7 +21,7 @@ RUN_VERSION = 1
 """Version of the training code's results, part of every run id: bump it when a change to kdlib
 makes the same config give other numbers, so such runs are retrained instead of reused."""
 
-EXECUTION_SETTINGS: tuple[str, ...] = ("device", "deterministic")
+EXECUTION_SETTINGS: tuple[str, ...] = ("device", "deterministic", "precision", "compile")
 """Settings that say where/how a run executes, not what it is: left out of the run id."""
 
 

@@ -155,7 +155,8 @@ def ldam_drw(
     """
     z = logits.float()
     delta = ldam_margins(class_counts, max_margin, z)
-    z = z - F.one_hot(target, z.shape[1]) * delta[target][:, None]
+    is_target = torch.arange(z.shape[1], device=z.device)[None, :] == target[:, None]
+    z = z - torch.where(is_target, delta[target][:, None], 0.0)  # one_hot checks on the host
     weight = None
     if epoch >= drw_epoch(epochs, drw_start):
         weight = class_balanced_weights(class_counts, beta, z)
@@ -189,9 +190,11 @@ def soft_kl(logits_s: Tensor, logits_t: Tensor, T: float = 1.0, reduction: str =
 
 
 def _split_target(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """(target logit (B,), non-target logits (B, C-1)) of logits already divided by T."""
-    mask = F.one_hot(target, logits.shape[1]).bool()
-    return logits[mask], logits[~mask].view(len(logits), -1)
+    """(target logit (B,), non-target logits (B, C-1) in class order) of logits already divided
+    by T. Gathers, not boolean masks: no host-device sync on a GPU."""
+    others = torch.arange(logits.shape[1] - 1, device=logits.device)[None, :]
+    others = others + (others >= target[:, None]).long()  # class j, skipping the target
+    return logits.gather(1, target[:, None]).squeeze(1), logits.gather(1, others)
 
 
 def _binary_log_probs(logits: Tensor, target: Tensor) -> Tensor:

@@ -28,6 +28,9 @@ SELECT_METRICS: tuple[str, ...] = (
 PRIOR_CORRECTING_LOSSES: tuple[str, ...] = ("logit_adjusted", "ldam_drw")
 """Task losses that already correct for the class prior: post-hoc adjustment would do it twice."""
 
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
+"""Autocast precision on CUDA (kdlib.device.autocast_dtype)."""
+
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -52,7 +55,8 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines one training run; its run id is a hash of these settings except
-    `device` and `deterministic` (kdlib.identity.run_id).
+    the execution settings `device`, `deterministic`, `precision` and `compile`
+    (kdlib.identity.run_id).
 
     cache, splits: the slice cache .h5 and the splits CSV (relative paths are taken from the
         output root, kdlib.paths.resolve).
@@ -76,7 +80,11 @@ class TrainConfig:
     select_metric: validation quantity that picks the best epoch (SELECT_METRICS); patience:
         stop after that many epochs without improvement (None = never).
     posthoc_tau: test-time (and validation) adjustment z - tau log(pi) of the probabilities.
-    seed; device: auto | cpu | cuda | cuda:N | mps; deterministic: deterministic algorithms on.
+    seed; device: auto | cpu | cuda | cuda:N | mps; deterministic: deterministic algorithms on,
+        strictly (kdlib.device.determinism).
+    precision (CUDA only; the CPU trains in float32): auto (bf16 where the GPU has it natively,
+        else fp16 with a gradient scaler) | bf16 | fp16 | fp32; the classifier head and the loss
+        are float32 in every case. compile: torch.compile the model (off by default).
     """
 
     cache: str
@@ -106,6 +114,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     deterministic: bool = True
+    precision: str = "auto"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -141,7 +151,7 @@ class TrainConfig:
             raise ConfigError(f"augment={aug!r} is not valid; use true, false, null or a mapping of "
                               "settings (flip, max_rotation_deg, intensity_jitter)")
         set_("augment", aug)
-        for name in ("cache_teacher_logits", "deterministic"):
+        for name in ("cache_teacher_logits", "deterministic", "compile"):
             check_choice(name, getattr(self, name), (True, False))
         check_range("repeat", self.repeat, 0)
         check_range("fold", self.fold, 0)
@@ -157,6 +167,7 @@ class TrainConfig:
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("select_metric", self.select_metric, SELECT_METRICS)
         check_choice("weights", self.weights, (None, "imagenet"))
+        check_choice("precision", self.precision, PRECISIONS)
         if not isinstance(self.device, str) or not DEVICE_RE.match(self.device):
             raise ConfigError(f"device={self.device!r} is not valid; use auto, cpu, mps, cuda or "
                               "cuda:N")

@@ -49,3 +49,9 @@ def close(a, b, tol=1e-5) -> None:
 
 
 EXTREME = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, -1e4], [1e4, 1e4, -1e4], [-1e4, -1e4, 1e4]])
+
+
+def split_target_masked(logits: torch.Tensor, target: torch.Tensor):
+    """kdlib.losses._split_target as it was before the gathers (boolean masks): the reference."""
+    mask = torch.nn.functional.one_hot(target, logits.shape[1]).bool()
+    return logits[mask], logits[~mask].view(len(logits), -1)

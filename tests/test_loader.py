@@ -15,6 +15,7 @@ from kdlib.data.loader import (
     class_counts,
     epoch_indices,
     epoch_length,
+    host_to_device,
     load_masks,
     load_tensors,
 )
@@ -142,3 +143,36 @@ def test_samplers_balance_and_length():
     assert torch.equal(a, b)
     with pytest.raises(DataError, match="oversample"):
         epoch_indices(y, "smote", g)
+
+
+class _FakeTensor:
+    """Records how host_to_device moves it."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def pin_memory(self):
+        self.calls.append("pin_memory")
+        return self
+
+    def to(self, device, non_blocking=False):
+        self.calls.append(("to", str(device), non_blocking))
+        return self
+
+
+def test_host_to_device_pins_and_does_not_block_for_cuda_only():
+    calls = []
+    host_to_device(_FakeTensor(calls), torch.device("cuda:0"))
+    assert calls == ["pin_memory", ("to", "cuda:0", True)]
+    calls.clear()
+    host_to_device(_FakeTensor(calls), torch.device("cpu"))
+    assert calls == [("to", "cpu", False)]
+
+
+def test_augment_moves_its_random_numbers_with_host_to_device(monkeypatch):
+    import kdlib.data.loader as L
+
+    moved = []
+    monkeypatch.setattr(L, "host_to_device", lambda t, dev: moved.append(t.shape) or t.to(dev))
+    augment_batch(_x(n=4, c=2), torch.Generator().manual_seed(0))
+    assert moved == [(4, 2, 3), (2, 4, 2, 1, 1)]  # the affine matrices, the jitter

@@ -19,6 +19,7 @@ from helpers_losses import (
     kl_rows,
     nll,
     softmax,
+    split_target_masked,
     t,
     yt,
 )
@@ -172,6 +173,26 @@ def test_kd_equals_tckd_plus_weighted_nckd(T):
     pt_gt = torch.softmax(zt / T, dim=1).gather(1, y[:, None]).squeeze(1)
     rhs = L.tckd(zs, zt, y, T, "none") + (1 - pt_gt) * L.nckd(zs, zt, y, T, "none")
     close(kd_term, rhs.numpy(), 1e-4)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 7])
+def test_gathered_split_target_equals_the_boolean_mask_version(classes, monkeypatch):
+    g = torch.Generator().manual_seed(classes)
+    zs = (torch.randn(64, classes, generator=g) * 5).requires_grad_()
+    zt = torch.randn(64, classes, generator=g) * 5
+    y = torch.randint(0, classes, (64,), generator=g)
+    for got, want in zip(L._split_target(zs, y), split_target_masked(zs, y)):
+        assert got.shape == want.shape and torch.equal(got, want)
+    terms = ["task", "tckd", "nckd", "loss"]
+    task = F.cross_entropy(zs, y)
+    new = L.dkd(zs, zt, y, task, epoch=3, epochs=10)
+    grad_new = torch.autograd.grad(new["loss"], zs, retain_graph=True)[0]
+    monkeypatch.setattr(L, "_split_target", split_target_masked)
+    old = L.dkd(zs, zt, y, task, epoch=3, epochs=10)
+    grad_old = torch.autograd.grad(old["loss"], zs)[0]
+    for k in terms:
+        torch.testing.assert_close(new[k], old[k], rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad_new, grad_old, rtol=0, atol=1e-6)
 
 
 def test_dkd_warmup_scaling():

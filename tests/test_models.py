@@ -165,3 +165,45 @@ def test_errors():
         M.create_model("cnn_s", weights="imagenet")
     with pytest.raises(ConfigError, match="num_classes"):
         M.create_model("cnn_s", num_classes=1)
+
+
+@pytest.mark.parametrize("name", ["cnn_s", "resnet18", "mobilenet_v3_small"])
+def test_logits_are_float32_under_bf16_autocast_and_equal_the_float32_head(name):
+    model = M.create_model(name, in_channels=2).eval()
+    _, head = M.final_linear(model)
+    assert isinstance(head, M.Float32Linear)
+    seen = {}
+    head.register_forward_hook(lambda mod, args, out: seen.update(features=args[0]))
+    x = torch.randn(4, 2, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert seen["features"].dtype == torch.bfloat16  # the body did run under autocast
+    assert logits.dtype == torch.float32
+    want = nn.functional.linear(seen["features"].float(), head.weight, head.bias)
+    assert torch.equal(logits, want)
+
+
+def test_float32_head_keeps_parameters_state_dict_and_initialisation():
+    torch.manual_seed(0)
+    model = M.create_model("cnn_s")
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    plain = M.MODELS["cnn_s"]()
+    assert type(plain.fc) is nn.Linear and torch.equal(after, torch.rand(3))
+    assert list(model.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in model.state_dict().items())
+    assert M.float32_head(model) is model and M.float32_head(M.create_model("squeezenet1_0"))
+
+
+def test_cosine_head_is_float32_under_bf16_autocast():
+    model = M.set_cosine_head(M.create_model("cnn_s", in_channels=2)).eval()
+    head = model.fc
+    assert isinstance(head, M.CosineLinear)
+    seen = {}
+    head.register_forward_hook(lambda mod, args, out: seen.update(features=args[0]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cosines = model(torch.randn(4, 2, 32, 32))
+    assert seen["features"].dtype == torch.bfloat16 and cosines.dtype == torch.float32
+    want = nn.functional.normalize(seen["features"].float(), dim=1) @ \
+        nn.functional.normalize(head.weight, dim=1).T
+    torch.testing.assert_close(cosines, want, rtol=0, atol=1e-6)

@@ -12,7 +12,9 @@ import torch
 import yaml
 from helpers_train import tiny_config, tiny_train_data
 
+import kdlib.criterion
 import kdlib.data.loader
+import kdlib.device
 import kdlib.train
 from kdlib import CLASSES
 from kdlib.errors import ConfigError, DataError, RunError
@@ -20,9 +22,9 @@ from kdlib.identity import run_id
 from kdlib.models import create_model
 from kdlib.results import load_history, load_predictions
 from kdlib.runs import RUN_FILES
-from kdlib.teachers import load_teacher
+from kdlib.teachers import FrozenTeacher, load_teacher
 from kdlib.train import fit
-from kdlib.train_config import TrainConfig, load_train_config
+from kdlib.train_config import AugmentConfig, TrainConfig, load_train_config
 
 
 @pytest.fixture(scope="module")
@@ -306,9 +308,198 @@ def test_resume_refuses_another_kind_of_device(data, tmp_path, monkeypatch):
     monkeypatch.undo()
     ckpt_path = tmp_path / f".tmp-{run_id(load_train_config(cfg))}" / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=True)
-    assert ckpt["identity"]["execution"] == {"device_type": "cpu", "autocast": False}
-    ckpt["identity"]["execution"] = {"device_type": "cuda", "autocast": True}
+    assert ckpt["identity"]["execution"] == {"device_type": "cpu", "autocast": False,
+                                             "cpu_threads": torch.get_num_threads()}
+    ckpt["identity"]["execution"] = {"device_type": "cuda", "autocast": True, "cpu_threads": None}
     torch.save(ckpt, ckpt_path)
     with pytest.raises(RunError, match=r"cannot resume.*started on cuda \(bf16 autocast\).*cpu.*"
                                        r"same kind of device.*delete"):
         fit(cfg, tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------- GPU behaviour, CPU stand-ins
+
+
+def test_out_of_memory_is_a_run_error_naming_the_run_batch_size_and_fix(data, tmp_path,
+                                                                         monkeypatch):
+    real, count = kdlib.data.loader.augment_batch, [0]
+
+    def augment(*args, **kw):
+        count[0] += 1
+        if count[0] == 3:  # epoch 2, step 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\n"
+                                              "(the allocator's statistics)")
+        return real(*args, **kw)
+
+    freed = []
+    monkeypatch.setattr(kdlib.data.loader, "augment_batch", augment)
+    monkeypatch.setattr(kdlib.train, "free_memory", lambda dev: freed.append(str(dev)))
+    before = torch.are_deterministic_algorithms_enabled()
+    cfg = tiny_config(*data, epochs=3)
+    rid = run_id(load_train_config(cfg))
+    with pytest.raises(RunError, match=rf"run {rid} ran out of memory on cpu at batch_size=8 "
+                                       r"\(evaluation batches of 32\): CUDA out of memory\. Tried "
+                                       r"to allocate 2\.00 GiB; lower batch_size, or train fewer "
+                                       r"runs at once on this device \(runs_per_device\); its "
+                                       r"last finished epoch is kept") as err:
+        fit(cfg, tmp_path, progress=False)
+    assert "statistics" not in str(err.value) and err.value.__cause__ is None
+    assert freed == ["cpu"] and torch.are_deterministic_algorithms_enabled() == before
+    monkeypatch.undo()
+    assert fit(cfg, tmp_path, progress=False) == tmp_path / rid  # resumes from epoch 1
+
+
+def test_env_records_the_numerics(teacher):
+    env = json.loads((teacher / "env.json").read_text())
+    assert {k: env[k] for k in ("gpu", "precision", "deterministic", "compile")} == \
+        {"gpu": None, "precision": "fp32", "deterministic": True, "compile": False}
+
+
+def test_resume_refuses_another_gpu_model_or_determinism(data, tmp_path, monkeypatch):
+    cfg = tiny_config(*data, epochs=3)
+    _interrupt_at(monkeypatch, 4)
+    with pytest.raises(Interrupt):
+        fit(cfg, tmp_path, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(RunError, match=r"cannot resume.*deterministic: True -> False"):
+        fit({**cfg, "deterministic": False}, tmp_path, progress=False)  # same run id
+    ckpt_path = tmp_path / f".tmp-{run_id(load_train_config(cfg))}" / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["identity"]["numerics"] == {"gpu": None, "precision": "fp32",
+                                            "deterministic": True, "compile": False}
+    ckpt["identity"]["numerics"]["gpu"] = "NVIDIA A100-SXM4-80GB"
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(RunError, match=r"cannot resume.*gpu: 'NVIDIA A100-SXM4-80GB' -> None"):
+        fit(cfg, tmp_path, progress=False)
+
+
+def test_resume_refuses_another_cpu_thread_count(data, tmp_path, monkeypatch):
+    cfg = tiny_config(*data, epochs=3)
+    threads = torch.get_num_threads()
+    _interrupt_at(monkeypatch, 4)
+    with pytest.raises(Interrupt):
+        fit(cfg, tmp_path, progress=False)
+    monkeypatch.undo()
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.raises(RunError, match=rf"cannot resume.*started with {threads} CPU thread\(s\) "
+                                           rf"and would continue with {threads + 1}.*"
+                                           rf"set_num_threads\({threads}\)"):
+            fit(cfg, tmp_path, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert fit(cfg, tmp_path, progress=False).is_dir()  # the same count resumes
+
+
+def _step_inputs(model="cnn_xs", channels=2, n=8, size=32, optimizer_device="cpu"):
+    """Model, optimizer (fit's for `optimizer_device`: fused AdamW for cuda), scheduler, x, y."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, channels, size, size, generator=g).half()
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 2, 0][:n])
+    net = create_model(model, in_channels=channels)
+    opt = kdlib.device.make_optimizer(net.parameters(), 1e-3, 1e-4, torch.device(optimizer_device))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return net, opt, sched, x, y
+
+
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
+def test_grad_scaler_skips_a_step_whose_gradients_overflow():
+    net, opt, sched, x, y = _step_inputs()
+
+    def overflow(zs, yb, zt=None, epoch=0):
+        return {"loss": zs.sum() * float("inf")}
+
+    before = [p.detach().clone() for p in net.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    kdlib.train.train_step(net, overflow, opt, sched, x, y, torch.arange(4), epoch=1,
+                           scaler=scaler)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert scaler.get_scale() == 512.0
+    kdlib.train.train_step(net, overflow, opt, sched, x, y, torch.arange(4), epoch=1)
+    assert any(not torch.isfinite(p).all() for p in net.parameters())  # unscaled: weights lost
+
+
+def test_fp16_autocast_step_with_a_scaler_trains():
+    net, opt, sched, x, y = _step_inputs()
+    crit = kdlib.criterion.build_criterion("ce", None, [3, 3, 2], 1)
+    scaler = torch.amp.GradScaler("cpu")
+    before = [p.detach().clone() for p in net.parameters()]
+    terms = kdlib.train.train_step(net, crit, opt, sched, x, y, torch.arange(8), epoch=1,
+                                   amp=torch.float16, scaler=scaler)
+    assert terms["loss"].dtype == torch.float32 and torch.isfinite(terms["loss"])
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+# aten ops that make the host wait for a CUDA device, and ops that strict deterministic mode
+# rejects on CUDA (torch.use_deterministic_algorithms' list, as the aten ops a CNN step reaches)
+SYNC_OPS = {"nonzero", "nonzero_static", "_local_scalar_dense", "item", "is_nonzero",
+            "masked_select", "unique", "_unique2"}
+CUDA_NONDETERMINISTIC_OPS = {
+    "_adaptive_avg_pool2d_backward", "adaptive_max_pool2d_backward", "avg_pool3d_backward",
+    "_adaptive_avg_pool3d_backward", "fractional_max_pool2d_backward", "max_unpool2d",
+    "upsample_linear1d_backward", "upsample_bilinear2d_backward", "upsample_bicubic2d_backward",
+    "reflection_pad1d_backward", "reflection_pad2d_backward", "reflection_pad3d_backward",
+    "nll_loss2d_forward", "_ctc_loss_backward", "_embedding_bag_backward", "put_", "histc",
+    "bincount", "kthvalue", "median", "grid_sampler_2d_backward", "cumsum", "scatter_reduce"}
+
+
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "index" and any(getattr(i, "dtype", None) == torch.bool for i in args[1]):
+            name = "index with a boolean mask"
+        self.ops.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _scan_step(model, task_loss, distiller, size=32):
+    """Record the aten ops of fit's training step (augmentation, teacher, student, criterion,
+    backward, fused AdamW as on CUDA, scheduler) and fail on a syncing or rejected one."""
+    net, opt, sched, x, y = _step_inputs(model, size=size, optimizer_device="cuda")
+    teacher = FrozenTeacher(create_model("cnn_xs", in_channels=2))
+    crit = kdlib.criterion.build_criterion(task_loss, distiller, [3, 3, 2], 4)
+    with _OpRecorder() as rec:
+        kdlib.train.train_step(net, crit, opt, sched, x, y, torch.arange(8), epoch=1,
+                               teacher=teacher if distiller else None,
+                               augment=AugmentConfig(),
+                               generator=torch.Generator().manual_seed(1))
+    bad = rec.ops & (SYNC_OPS | CUDA_NONDETERMINISTIC_OPS | {"index with a boolean mask"})
+    assert not bad, f"{model}, {task_loss}, {distiller}: {sorted(bad)}"
+    assert "convolution_backward" in rec.ops  # the recorder saw the backward pass
+
+
+@pytest.mark.parametrize("task_loss", sorted(kdlib.criterion.LOSSES))
+@pytest.mark.parametrize("distiller", [None, *sorted(kdlib.criterion.DISTILLERS)])
+def test_training_step_has_no_host_sync_and_no_op_strict_cuda_determinism_rejects(task_loss,
+                                                                                  distiller):
+    _scan_step("cnn_xs", task_loss, distiller)
+
+
+@pytest.mark.parametrize("model", ["mobilenet_v3_small", "mobilenet_v2", "resnet18", "resnet50",
+                                   "densenet121", "efficientnet_v2_s"])
+def test_real_profile_models_step_without_host_sync_or_nondeterministic_ops(model):
+    _scan_step(model, "ce", "dkd")
+
+
+def test_compile_trains_the_compiled_model_and_saves_plain_weights(data, tmp_path, monkeypatch):
+    """torch.compile on (dynamo's eager backend here: inductor takes minutes on this CPU)."""
+    real, compiled = torch.compile, []
+
+    def compile_eager(model, **kw):
+        compiled.append(model)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    path = fit(tiny_config(*data, epochs=1, compile=True), tmp_path, progress=False)
+    assert len(compiled) == 1
+    assert not isinstance(compiled[0], torch._dynamo.eval_frame.OptimizedModule)
+    state = torch.load(path / "model.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in state)
+    assert json.loads((path / "env.json").read_text())["compile"] is True
+    plain = fit(tiny_config(*data, epochs=1), tmp_path / "plain", progress=False)
+    assert path.name == plain.name  # compile is an execution setting, not part of the run id

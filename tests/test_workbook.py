@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import h5py
 import pytest
-import torch
 import yaml
 
 import kdlib.data.phantom_files
@@ -51,6 +50,23 @@ def test_manifest_round_trip_and_merge(tmp_path, monkeypatch):
     assert yaml.safe_load((runs / "manifest.yaml").read_text()) == merged
     assert sorted(p.name for p in runs.iterdir() if p.is_file()) == ["manifest.yaml"]  # no tmp
     assert (tmp_path / "figures" / "p").is_dir() and (runs / "notebooks").is_dir()
+
+
+def test_a_new_dataset_or_cache_drops_the_entries_made_from_the_old_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDLIB_HOME", str(tmp_path))
+    everything = {"dataset": {"source": "nifti", "root": "/a", "fmt": "nifti", "reader": {}},
+                  "cache": "data/cache/c1.h5", "prep": {"image_size": 16},
+                  "splits": "runs/d/s1.csv", "split": {"k_folds": 2}, "note": "kept"}
+    wb.update_manifest("d", **everything)
+    wb.update_manifest("d", dataset=everything["dataset"], cache=str(tmp_path / "data/cache/c1.h5"))
+    assert set(wb.read_manifest("d")) == set(everything)  # the same entries: nothing dropped
+    wb.update_manifest("d", cache="data/cache/c2.h5", prep={"image_size": 32})
+    assert set(wb.read_manifest("d")) == {"dataset", "cache", "prep", "note"}
+    wb.update_manifest("d", splits="runs/d/s2.csv", split={"k_folds": 2})
+    wb.update_manifest("d", dataset={**everything["dataset"], "root": "/b"})
+    assert set(wb.read_manifest("d")) == {"dataset", "note"}
+    with pytest.raises(DataError, match="no slice cache yet"):
+        wb.build_splits("d", SPLIT)  # never the splits of the old data
 
 
 def test_read_manifest_of_a_fresh_profile_says_what_to_run(tmp_path, monkeypatch):
@@ -189,18 +205,6 @@ def test_data_settings_and_split_folds(ws, monkeypatch):
     assert wb.split_folds(PROFILE) == {"repeats": [0], "folds": [0, 1]}
 
 
-def test_grid_devices(monkeypatch):
-    assert wb.grid_devices("cpu", 2) == ["cpu", "cpu"]
-    assert wb.grid_devices("cpu", 1) is None
-    assert wb.grid_devices("cuda", 4) is None
-    with pytest.raises(ConfigError, match="workers=0"):
-        wb.grid_devices("cpu", 0)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert wb.grid_devices("auto", 3) == ["cpu"] * 3
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert wb.grid_devices("auto", 3) is None
-
-
 def test_phantom_h5_channel_order_is_recorded_for_the_reader(tmp_path, monkeypatch):
     monkeypatch.setenv("KDLIB_HOME", str(tmp_path))
     order = ["t2", "t1", "t1ce", "flair"]
@@ -208,10 +212,6 @@ def test_phantom_h5_channel_order_is_recorded_for_the_reader(tmp_path, monkeypat
                                                        "write_h5": True, "h5_channel_order": order},
                         progress=False)["dataset"]
     assert ds["fmt"] == "h5" and ds["reader"] == {"channel_order": order}
-
-
-def test_grid_devices_keeps_an_explicit_gpu():
-    assert wb.grid_devices("cuda:1", 2) == ["cuda:1"]
 
 
 def test_manifest_survives_moving_the_output_root(tmp_path, monkeypatch):

@@ -90,6 +90,17 @@ def load_masks(cache_h5: str | Path, table: pd.DataFrame) -> np.ndarray:
     return masks[inverse]
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a CPU tensor to `device`; to CUDA through pinned memory, without blocking the host.
+
+    A copy from pageable memory makes the host wait for the GPU stream (a sync per batch). Pinned
+    memory comes from PyTorch's caching host allocator, which keeps the block until the copy ran.
+    """
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def augment_batch(
     x: torch.Tensor,
     generator: torch.Generator,
@@ -103,8 +114,8 @@ def augment_batch(
 
     Flips and rotation are one affine resampling (one grid_sample, so a flip is exact up to float
     rounding of the sampling grid). The random numbers come from `generator` (a CPU
-    torch.Generator): the result depends only on its state, on every device. Computed in float32,
-    returned in x's dtype.
+    torch.Generator): the result depends only on its state, on every device. They reach a GPU by
+    `host_to_device` (no host-device sync). Computed in float32, returned in x's dtype.
     """
     n, c = x.shape[:2]
     dev = x.device
@@ -118,10 +129,11 @@ def augment_batch(
         # output -> input coordinates: the rotation after the flips diag(sign_x, sign_y)
         theta = torch.stack([torch.stack([cos * sign[0], -sin * sign[1], zero], 1),
                              torch.stack([sin * sign[0], cos * sign[1], zero], 1)], 1)
-        grid = F.affine_grid(theta.to(dev), list(out.shape), align_corners=False)
+        grid = F.affine_grid(host_to_device(theta, dev), list(out.shape), align_corners=False)
         out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if intensity_jitter > 0:
-        ab = ((torch.rand(2, n, c, 1, 1, generator=generator) * 2 - 1) * intensity_jitter).to(dev)
+        ab = host_to_device((torch.rand(2, n, c, 1, 1, generator=generator) * 2 - 1)
+                            * intensity_jitter, dev)
         out = torch.addcmul(ab[1], out, 1 + ab[0]) if out is x else out.mul_(1 + ab[0]).add_(ab[1])
     return out.to(x.dtype)
 
