@@ -1,7 +1,7 @@
 """Notebook 04's analyses: the runs of each question, their summaries, the declared families and
-their effect-size tables (kdlib.hypotheses), question 2's correlation, the power of the design
-(kdlib.power), and the patient bootstrap, which measures the test-set sampling of one model and is
-not an interval of a method's gain. kdlib.answers turns the tables into the answers' text."""
+their effect-size tables (kdlib.hypotheses), question 2's correlation, and the patient bootstrap,
+which measures the test-set sampling of one model and is not an interval of a method's gain.
+kdlib.sizing gives the design's power, kdlib.answers turns the tables into the answers' text."""
 
 from __future__ import annotations
 
@@ -353,19 +353,20 @@ def model_params(runs: pd.DataFrame) -> pd.Series:
 def q2_correlations(cells: pd.DataFrame, exp: Experiment, n_boot: int = 1000, seed: int = 0
                     ) -> pd.DataFrame:
     """Spearman correlation of each cell's gain with the teacher's parameter count and with the
-    teacher/student size ratio, with a bootstrap-over-splits interval (hypotheses.gain_correlation);
-    rho is None, with the reason, where there are too few cells."""
+    teacher/student size ratio, with a bootstrap-over-splits interval (hypotheses.gain_correlation):
+    one row per x with rho, ci_low, ci_high, n_cells, n_splits and reason; rho is NaN, with the
+    reason, where there are too few cells or every cell gained the same."""
     fam = cell_family(cells, Q2_FAMILY, exp.primary_metric, exp.grid_ratio)
     params = model_params(cells)
+    pairs = [m.split("->", 1) for m, _ in fam.pairs]
+    missing = sorted({n for pair in pairs for n in pair} - set(params.index))
+    if missing:
+        raise DataError(f"no parameter count for model(s) {missing}: the runs need a `params` "
+                        "(and `teacher_params`) column")
     rows = []
     for name, size in (("teacher parameters", lambda t, s: params[t]),
                        ("teacher/student size ratio", lambda t, s: params[t] / params[s])):
-        cells_ = [m.split("->", 1) for m, _ in fam.pairs]
-        missing = sorted({n for c in cells_ for n in c} - set(params.index))
-        if missing:
-            raise DataError(f"no parameter count for model(s) {missing}: the runs need a `params` "
-                            "(and `teacher_params`) column")
-        x = {f"{t}->{s}": float(size(t, s)) for t, s in cells_}
+        x = {f"{t}->{s}": float(size(t, s)) for t, s in pairs}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # constant gains: scipy warns, rho is NaN
             corr = gain_correlation(cells, fam, x, n_boot=n_boot, seed=seed)

@@ -24,7 +24,7 @@ def runs_per_split(runs: pd.DataFrame) -> int:
     the cost of one more split of the design."""
     trained = runs[runs["derived_posthoc_tau"].isna()] if "derived_posthoc_tau" in runs else runs
     keys = [c for c in ("repeat", "fold", "seed") if c in trained.columns]
-    return int(round(trained.groupby(keys).size().mean())) if len(trained) else 0
+    return round(float(trained.groupby(keys).size().mean())) if len(trained) else 0
 
 
 def power_table(runs: pd.DataFrame, effects: pd.DataFrame, family_name: str = PRIMARY,
