@@ -25,7 +25,8 @@ demo: $(STAMP)  ## run the whole notebook chain on the demo profile (synthetic d
 run: $(STAMP)  ## run the notebook chain for PROFILE=name (e.g. make run PROFILE=brats2020_h5)
 	$(BIN)/kdlib run --profile $(PROFILE)
 
-test: $(STAMP)  ## unit tests plus the smoke notebook chain
+test: $(STAMP)  ## unit tests, the smoke notebook chain, and the notebooks in a browser (chromium)
+	@command -v chromium >/dev/null 2>&1 || [ -n "$$CHROMIUM" ] || echo "note: chromium not found: the browser test will be skipped (apt-get install chromium)"
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 test-fast: $(STAMP)  ## unit tests only (skips the notebook chain)

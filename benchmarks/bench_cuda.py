@@ -80,16 +80,14 @@ def sync(device: torch.device) -> None:
 
 def profile_experiment(name: str) -> tuple[Experiment, SplitConfig, dict]:
     """The Experiment and SplitConfig that `kdlib run --profile name` gives notebooks 01-03: the
-    profile's parameters over the notebooks' defaults (switch to Experiment.from_profile when the
-    launcher has it)."""
+    profile's experiment section, and its parameters over the notebooks' defaults."""
     values = {}
     for nb in list_notebooks()[:4]:
         for key, spec in notebook_parameters(nb).items():
             values.setdefault(key, ast.literal_eval(spec["default"]))
     values.update(load_profile(name)["parameters"])
-    fields = set(Experiment.__dataclass_fields__) - {"folds", "repeats", "weights"}
-    exp = Experiment(**{k: v for k, v in values.items() if k in fields},
-                     folds=values.get("folds") or None, weights=values.get("weights") or None)
+    exp = Experiment.from_profile(name)
+    values.update(exp.to_dict())
     split = SplitConfig(design=values["design"], k_folds=values["k_folds"],
                         repeats=values["repeats"], seed=values["split_seed"],
                         test_fraction=values["test_fraction"],

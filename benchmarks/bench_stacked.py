@@ -24,6 +24,7 @@ benchmarks/bench_cuda.py gets the same table on a GPU from `stacked_table`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -48,7 +49,7 @@ from kdlib.train_config import AugmentConfig
 DEMO = {"phantom": {"n_hgg": 40, "n_lgg": 40, "shape": [96, 96, 64]}, "image_size": 48,
         "experiment": {"ratios": [4], "epochs": 10, "teacher": "cnn_s", "student": "cnn_xs",
                        "grid_teachers": ["cnn_s", "cnn_m"], "grid_students": ["cnn_xs", "cnn_s"],
-                       "grid_ratio": 4, "device": "cpu", "folds": [0]}}
+                       "grid_ratio": 4, "folds": [0]}}
 """The demo profile's data and experiment, cut to one fold and one ratio."""
 
 
@@ -158,8 +159,9 @@ def end_to_end(device: str = "cpu", progress: bool = False) -> dict[str, float]:
         workbook.get_dataset("bench", phantom=DEMO["phantom"], progress=progress)
         workbook.build_cache("bench", {"image_size": DEMO["image_size"]}, progress=progress)
         workbook.build_splits("bench", {"k_folds": 3})
-        exp = Experiment(**{**DEMO["experiment"], "device": device})
-        cfgs = exp.configs(**workbook.data_settings("bench"), folds=[0])
+        exp = Experiment(**DEMO["experiment"])
+        cfgs = [dataclasses.replace(c, device=device)
+                for c in exp.configs(**workbook.data_settings("bench"), folds=[0])]
         groups = group_configs(cfgs)
         out.update(runs=len(cfgs), groups=len(groups))
         for label, train in (("alone", lambda d: [fit(c, d, progress) for c in cfgs]),

@@ -55,18 +55,15 @@ DRY = {"phantom": (6, 6, (48, 48, 32)), "image_size": 24, "epochs": 2, "batch_si
        "teacher": "cnn_s", "student": "cnn_xs", "seconds": 0.2, "warmup": 1, "processes": [1, 2]}
 
 KILL_IN_SECOND_EPOCH = """
-import os, signal, sys
-import kdlib.data.loader, kdlib.runs
+import glob, os, signal, sys
+import kdlib.data.loader
 from kdlib.train import fit
-save, augment, saved = kdlib.runs.save_atomic, kdlib.data.loader.augment_batch, []
-def save_then_mark(path, obj):
-    save(path, obj)
-    saved.append(path.name)
+augment = kdlib.data.loader.augment_batch
 def augment_or_die(*args, **kw):
-    if "checkpoint.pt" in saved:  # the first step after epoch 1's checkpoint
+    if glob.glob(os.path.join(sys.argv[2], ".tmp-*", "checkpoint.pt")):  # epoch 1 is saved
         os.kill(os.getpid(), signal.SIGKILL)
     return augment(*args, **kw)
-kdlib.runs.save_atomic, kdlib.data.loader.augment_batch = save_then_mark, augment_or_die
+kdlib.data.loader.augment_batch = augment_or_die
 fit(sys.argv[1], sys.argv[2], progress=False)
 """
 
@@ -90,14 +87,14 @@ def same_run(a: Path, b: Path) -> bool:
 
 
 def small_dataset(out: Path, s: dict) -> tuple[Path, Path]:
-    """A phantom, its slice cache and splits (2 folds) under `out`."""
+    """A phantom, its slice cache and splits (3 folds) under `out`."""
     n_hgg, n_lgg, shape = s["phantom"]
     root = make_phantom(out / "phantom", PhantomConfig(n_hgg=n_hgg, n_lgg=n_lgg, shape=shape),
                         progress=False)
     cache = prepare_cache(root, out / "cache", PrepConfig(image_size=s["image_size"]),
                           fmt="nifti", progress=False)
     table = pd.read_csv(cache.with_suffix(".csv"), dtype={"subject_id": str})
-    splits = save_splits(make_splits(subject_table(table), SplitConfig(k_folds=2)),
+    splits = save_splits(make_splits(subject_table(table), SplitConfig(k_folds=3)),
                          out / "splits.csv")
     return cache, splits
 

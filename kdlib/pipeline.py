@@ -1,4 +1,6 @@
-"""Run the numbered notebooks of a profile through papermill, with validated parameters."""
+"""Run the numbered notebooks of a profile through papermill, with validated parameters: the
+profile's experiment is resolved (with `-p` overrides) and recorded in its manifest first, so
+every notebook reads the same one."""
 
 from __future__ import annotations
 
@@ -11,15 +13,18 @@ from typing import Any
 
 import nbformat
 import papermill
-import yaml
 from papermill.exceptions import PapermillExecutionError
 
-from kdlib.config import read_yaml
 from kdlib.errors import ConfigError, RunError
+from kdlib.experiment import Experiment, record_experiment
 from kdlib.paths import STATIC_ENV, profile_paths, project_root
+from kdlib.profiles import load_profile, parse_overrides, profile_file
+
+__all__ = ["list_notebooks", "load_profile", "notebook_parameters", "parse_overrides", "plan_run",
+           "profile_file", "run_profile", "split_overrides", "strip_outputs"]
 
 NOTEBOOK_RE = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.ipynb$")
-PROFILE_KEYS = {"description", "parameters", "notebooks"}
+EXPERIMENT_KEYS = tuple(Experiment.__dataclass_fields__)
 
 
 def list_notebooks(folder: str | Path | None = None) -> list[Path]:
@@ -36,41 +41,11 @@ def notebook_parameters(path: str | Path) -> dict[str, dict[str, Any]]:
     return dict(papermill.inspect_notebook(str(path)))
 
 
-def profile_file(name: str) -> Path:
-    """The YAML file of profile `name` (a name in profiles/ or a path to a .yaml file)."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
-    folder = project_root() / "profiles"
-    path = folder / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise ConfigError(f"unknown profile {name!r}; choose one of {names} or give a .yaml path")
-    return path
-
-
-def load_profile(name: str) -> dict[str, Any]:
-    """Read a profile: {description, parameters: {...}, notebooks: {NN_name: {...}}}."""
-    path = profile_file(name)
-    data = read_yaml(path)
-    unknown = set(data) - PROFILE_KEYS
-    if unknown:
-        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; valid: {sorted(PROFILE_KEYS)}")
-    data["parameters"] = data.get("parameters") or {}
-    data["notebooks"] = data.get("notebooks") or {}
-    data["name"] = path.stem
-    return data
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """`key=value` strings -> dict, values parsed as YAML (`3`, `0.5`, `[1, 4]`, `null`, text)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"parameter {item!r} must look like key=value, e.g. epochs=5")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-    return out
+def split_overrides(overrides: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`-p` values of experiment settings, the others): the first go into the experiment."""
+    overrides = dict(overrides or {})
+    exp = {k: v for k, v in overrides.items() if k in EXPERIMENT_KEYS}
+    return exp, {k: v for k, v in overrides.items() if k not in exp}
 
 
 def _type_ok(value: Any, type_name: str) -> bool:
@@ -96,7 +71,9 @@ def plan_run(
     only: list[str] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> list[tuple[Path, dict[str, Any]]]:
-    """Pair each selected notebook with its parameters; unknown or mistyped parameters raise ConfigError."""
+    """Pair each selected notebook with its parameters; unknown or mistyped parameters raise
+    ConfigError. `overrides` may set experiment settings too (validated by Experiment); a notebook
+    parameter named like an experiment setting gets the experiment's value."""
     declared = {nb.stem: notebook_parameters(nb) for nb in notebooks}
     by_prefix = {nb.stem[:2]: nb for nb in notebooks}
     selected = notebooks
@@ -107,6 +84,10 @@ def plan_run(
         selected = [nb for nb in notebooks if nb.stem[:2] in {o[:2] for o in only}]
 
     shared = dict(profile["parameters"])
+    moved = sorted(set(shared) & set(EXPERIMENT_KEYS))
+    if moved:
+        raise ConfigError(f"profile {profile['name']}: {moved} are experiment settings: move them "
+                          "from `parameters:` to `experiment:`")
     every = set().union(*(set(d) for d in declared.values()))
     unknown = sorted(set(shared) - every)
     if unknown:
@@ -120,10 +101,12 @@ def plan_run(
                               f"it has {sorted(declared[stem])}")
     overrides = dict(overrides or {})
     sel_declared = set().union(*(set(declared[nb.stem]) for nb in selected))
-    bad = sorted(set(overrides) - sel_declared)
+    bad = sorted(set(overrides) - sel_declared - set(EXPERIMENT_KEYS))
     if bad:
-        raise ConfigError(f"-p {bad}: not a parameter of the selected notebooks; "
-                          f"they take {sorted(sel_declared)}")
+        raise ConfigError(f"-p {bad}: neither an experiment setting nor a parameter of the "
+                          f"selected notebooks; the experiment takes {sorted(EXPERIMENT_KEYS)}, "
+                          f"the notebooks take {sorted(sel_declared)}")
+    exp_values = Experiment.from_profile(profile, split_overrides(overrides)[0]).to_dict()
 
     plan = []
     for nb in selected:
@@ -132,6 +115,7 @@ def plan_run(
         values.update({k: v for k, v in shared.items() if k in spec})
         values.update(profile["notebooks"].get(nb.stem) or {})
         values.update({k: v for k, v in overrides.items() if k in spec})
+        values.update({k: v for k, v in exp_values.items() if k in spec})  # one experiment
         for key, value in values.items():
             type_name = str(spec[key].get("inferred_type_name", ""))
             if not _type_ok(value, type_name):
@@ -148,11 +132,16 @@ def run_profile(
     log_output: bool = True,
     progress_bar: bool = True,
 ) -> list[Path]:
-    """Execute the profile's notebooks in order with papermill; returns the executed copies."""
+    """Record the profile's experiment (with the experiment settings among `overrides`) in its
+    manifest, then execute the profile's notebooks in order with papermill; returns the executed
+    copies."""
     profile = load_profile(name)
     notebooks = list_notebooks(notebooks_dir)
     plan = plan_run(profile, notebooks, only, overrides)
     out_dir = profile_paths(profile["name"]).make().notebooks
+    exp_overrides = split_overrides(overrides)[0]
+    source = str(profile_file(name)) + (f" with -p {exp_overrides}" if exp_overrides else "")
+    record_experiment(profile["name"], Experiment.from_profile(profile, exp_overrides), source)
     if log_output:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     previous = os.environ.get(STATIC_ENV)

@@ -66,9 +66,10 @@ def data_fingerprint(cache_h5: Path, splits_csv: Path) -> dict[str, Any]:
 
 
 def execution_identity(device: torch.device) -> dict[str, Any]:
-    """What of the device changes a run's numbers: its type, and whether it trains under bf16
-    autocast (CUDA)."""
-    return {"device_type": device.type, "autocast": device.type == "cuda"}
+    """What of the device changes a run's numbers: its type, whether it trains under bf16
+    autocast (CUDA), and on the CPU the torch thread count (it changes how sums are split)."""
+    return {"device_type": device.type, "autocast": device.type == "cuda",
+            "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None}
 
 
 def _describe(execution: Mapping[str, Any]) -> str:
@@ -79,13 +80,20 @@ def _describe(execution: Mapping[str, Any]) -> str:
 
 def check_resume(current: dict[str, Any], saved: dict[str, Any], folder: Path) -> None:
     """RunError naming the settings (or data files) that differ from the checkpoint's, or when the
-    run would continue with(out) autocast after starting without (with) it."""
+    run would continue with(out) autocast after starting without (with) it, or on the CPU with
+    another thread count."""
     now, then = current.get("execution", {}), saved.get("execution", {})
     if now.get("autocast") != then.get("autocast"):
         raise RunError(f"cannot resume {folder}: it was started on {_describe(then)} and would "
                        f"continue on {_describe(now)}, mixing precisions in one run; resume it on "
                        f"the same kind of device (set device accordingly) or delete {folder} to "
                        "start over")
+    if "cpu_threads" in then and now.get("cpu_threads") != then["cpu_threads"]:
+        raise RunError(f"cannot resume {folder}: it was started with {then['cpu_threads']} CPU "
+                       f"thread(s) and would continue with {now.get('cpu_threads')}, which gives "
+                       "numbers matching neither; resume it with the same count (torch."
+                       f"set_num_threads({then['cpu_threads']}), or the same workers setting of "
+                       f"the grid) or delete {folder} to start over")
     diffs = []
     for part in ("config", "data"):
         now, then = current[part], saved.get(part, {})

@@ -35,6 +35,7 @@ from kdlib.device import (  # resolve_device is also re-exported
 )
 from kdlib.errors import DataError, RunError
 from kdlib.identity import config_identity, run_id
+from kdlib.lock import run_lock
 from kdlib.metrics import run_metrics
 from kdlib.models import count_parameters
 from kdlib.predictions import predictions_frame, validation_scores
@@ -206,7 +207,8 @@ def fit(cfg: TrainConfig | Mapping[str, Any] | str | Path, runs_dir: str | Path,
 
     A finished run is returned at once (skipped); an unfinished one (`.tmp-<run_id>` with a
     checkpoint) resumes where its last epoch ended and ends with the same numbers as a straight run.
-    Running out of GPU memory raises RunError naming the run, its batch size and the fix.
+    Running out of GPU memory raises RunError naming the run, its batch size and the fix. Training
+    holds the run's lock: a second process on the same run waits for it (kdlib.lock).
     """
     cfg = load_train_config(cfg)
     runs_dir = Path(runs_dir)
@@ -217,7 +219,10 @@ def fit(cfg: TrainConfig | Mapping[str, Any] | str | Path, runs_dir: str | Path,
     device = resolve_device(cfg.device)
     with determinism(cfg.deterministic, device):  # restores the process's switches afterwards
         try:
-            return _fit(cfg, runs_dir, rid, tmp, final, device, progress)
+            with run_lock(runs_dir, rid):  # one process at a time trains a run (kdlib.lock)
+                if is_finished(final):  # finished by the process we waited for
+                    return final
+                return _fit(cfg, runs_dir, rid, tmp, final, device, progress)
         except torch.cuda.OutOfMemoryError as err:
             oom = str(err).splitlines()[0] if str(err) else "out of memory"
     free_memory(device)  # outside the except clause: the traceback's tensors are released now

@@ -31,6 +31,8 @@ from kdlib.runs import write_yaml
 
 SOURCES = ("phantom", "nifti", "h5")
 MANIFEST = "manifest.yaml"
+DEPENDENTS = {"dataset": ("cache", "prep", "splits", "split"), "cache": ("splits", "split")}
+"""Manifest entries made from another: dropped when that one changes, so no step uses stale data."""
 
 
 def _map_paths(data: dict[str, Any], fn) -> dict[str, Any]:
@@ -57,10 +59,16 @@ def read_manifest(profile: str) -> dict[str, Any]:
 
 def update_manifest(profile: str, **entries: Any) -> dict[str, Any]:
     """Merge `entries` into the profile's manifest, written atomically; returns the whole manifest.
-    Paths under the output root are stored relative to it, so the project can move."""
+    A changed dataset or cache drops the entries made from the old one (DEPENDENTS). Paths under
+    the output root are stored relative to it, so the project can move."""
     paths = profile_paths(profile).make()
     path = paths.runs / MANIFEST
     data = _read(path) if path.is_file() else {}
+    for key, value in entries.items():
+        old = _map_paths({key: data.get(key)}, portable_path)
+        if key in data and old != _map_paths({key: value}, portable_path):
+            for stale in DEPENDENTS.get(key, ()):
+                data.pop(stale, None)
     data.update(entries)
     write_yaml(path, _map_paths(data, portable_path))
     return data
@@ -79,7 +87,23 @@ def get_dataset(
     channel_order: list[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Generate the synthetic dataset (source="phantom") or locate real BraTS2020 files; record it.
+    """Generate the synthetic dataset (source="phantom") or locate real BraTS2020 files, and record
+    it in the manifest (see `locate_dataset`); returns the manifest."""
+    dataset = locate_dataset(profile, source, data_root, phantom, volume_map, channel_order,
+                             progress)
+    return update_manifest(profile, dataset=dataset)
+
+
+def locate_dataset(
+    profile: str,
+    source: str = "phantom",
+    data_root: str = "",
+    phantom: dict[str, Any] | None = None,
+    volume_map: str = "",
+    channel_order: list[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The manifest's `dataset` entry (source, root, fmt, reader settings), recording nothing.
 
     The phantom goes to data/synthetic/<hash of its settings>/ and is reused when complete.
     Real data: `data_root` (env vars expand, e.g. $BRATS_ROOT) holding the NIfTI or H5 layout;
@@ -110,8 +134,7 @@ def get_dataset(
             reader["channel_order"] = list(channel_order or MODALITIES)
             if volume_map:
                 reader["volume_map"] = str(resolve(volume_map))
-    return update_manifest(profile, dataset={"source": source, "root": str(root), "fmt": fmt,
-                                             "reader": reader})
+    return {"source": source, "root": str(root), "fmt": fmt, "reader": reader}
 
 
 def build_cache(profile: str, prep: dict[str, Any] | None = None, progress: bool = True) -> Path:
@@ -119,12 +142,19 @@ def build_cache(profile: str, prep: dict[str, Any] | None = None, progress: bool
     man = read_manifest(profile)
     if "dataset" not in man:
         raise DataError(f"profile {profile!r} has no dataset yet: run get_dataset (notebook 00) first")
-    ds = man["dataset"]
+    entries = make_cache(profile, man["dataset"], prep, progress)
+    update_manifest(profile, **entries)
+    return Path(entries["cache"])
+
+
+def make_cache(profile: str, dataset: dict[str, Any], prep: dict[str, Any] | None = None,
+               progress: bool = True) -> dict[str, Any]:
+    """Build (or reuse) the slice cache of `dataset`; returns the manifest entries `cache` and
+    `prep`, recording nothing."""
     cfg = from_dict(PrepConfig, prep or {}, "preprocessing settings")
-    cache = prepare_cache(ds["root"], profile_paths(profile).data / "cache", cfg, fmt=ds["fmt"],
-                          progress=progress, **ds.get("reader", {}))
-    update_manifest(profile, cache=str(cache), prep=to_dict(cfg))
-    return cache
+    cache = prepare_cache(dataset["root"], profile_paths(profile).data / "cache", cfg,
+                          fmt=dataset["fmt"], progress=progress, **dataset.get("reader", {}))
+    return {"cache": str(cache), "prep": to_dict(cfg)}
 
 
 def build_splits(profile: str, split: dict[str, Any] | None = None) -> Path:
@@ -133,16 +163,24 @@ def build_splits(profile: str, split: dict[str, Any] | None = None) -> Path:
     man = read_manifest(profile)
     if "cache" not in man:
         raise DataError(f"profile {profile!r} has no slice cache yet: run build_cache (notebook 00)")
+    entries = make_split_file(profile, man["cache"], split)
+    update_manifest(profile, **entries)
+    return Path(entries["splits"])
+
+
+def make_split_file(profile: str, cache: str | Path, split: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """Make (or reuse) the splits of the subjects in `cache`; returns the manifest entries
+    `splits` and `split`, recording nothing."""
     cfg = from_dict(SplitConfig, split or {}, "split settings")
-    subjects = subject_table(load_slice_table(man["cache"]))
+    subjects = subject_table(load_slice_table(cache))
     key = _short_hash({"split": to_dict(cfg), "subjects": subjects.values.tolist()})
     path = profile_paths(profile).runs / f"splits_{key}.csv"
     if path.is_file():
         load_splits(path)  # re-checks leakage
     else:
         save_splits(make_splits(subjects, cfg), path)
-    update_manifest(profile, splits=str(path), split=to_dict(cfg))
-    return path
+    return {"splits": str(path), "split": to_dict(cfg)}
 
 
 def data_settings(profile: str) -> dict[str, str]:

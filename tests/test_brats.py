@@ -10,9 +10,11 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import synth_subjects
 
 from kdlib import MODALITIES
 from kdlib.data.brats import SubjectRecord, discover, load_subject
+from kdlib.data.subjects import MAC_NOTE, reader_notes
 from kdlib.errors import ConfigError, DataError
 
 
@@ -54,8 +56,6 @@ def test_header_dtype_is_used_not_assumed(nifti_tree):
 
 
 def test_subject_355_segmentation_quirk(nifti_tree):
-    from conftest import synth_subjects
-
     tree = nifti_tree(subjects=synth_subjects(1, 1, first=354))
     rec = {r.subject_id: r for r in discover(tree.root)}["BraTS20_Training_355"]
     assert rec.files["seg"].name == "W39_1998.09.19_Segm.nii"
@@ -201,8 +201,10 @@ def test_shapes_differ_within_subject(nifti_tree):
     tree = nifti_tree()
     r = discover(tree.root)[0]
     nib.save(nib.Nifti1Image(np.ones((32, 32, 15), np.int16), np.eye(4)), r.files["t2"])
-    with pytest.raises(DataError, match="BraTS20_Training_001: volumes differ in shape"):
+    with pytest.raises(DataError, match="the five files of BraTS20_Training_001 differ in shape"
+                       ) as err:
         load_subject(r)
+    assert str(err.value).startswith(f"{r.files['t2'].parent}: ")  # names the folder
 
 
 def test_nan_voxels(nifti_tree):
@@ -289,3 +291,149 @@ def test_no_subjects_found(tmp_path):
         discover(tmp_path / "empty")
     with pytest.raises(DataError, match="does not exist"):
         discover(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------- inputs accepted silently before
+
+
+def test_float_segmentation_must_hold_whole_labels(nifti_tree):
+    tree = nifti_tree()
+    r = discover(tree.root)[0]
+    seg = tree.subjects[0].seg.astype(np.float32)
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), r.files["seg"])  # float but whole: fine
+    np.testing.assert_array_equal(load_subject(r)[1], tree.subjects[0].seg)
+    seg[seg == 1] = 1.5  # e.g. resampled with linear interpolation
+    seg.flat[np.flatnonzero(seg == 2)[:3]] = 3.6
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), r.files["seg"])
+    with pytest.raises(DataError, match=r"_seg.nii: segmentation holds \d+ non-integer value\(s\) "
+                                        r"such as \[1.5, 3.6\].*nearest-neighbour"):
+        load_subject(r)
+
+
+def _append_rows(csv, rows):
+    with open(csv, "a") as f:
+        f.writelines(",".join(row) + "\n" for row in rows)
+
+
+def test_name_mapping_with_one_subject_graded_twice(nifti_tree):
+    tree = nifti_tree()
+    csv = tree.root / "name_mapping.csv"
+    _append_rows(csv, [["HGG", "NA", "NA", "NA", "NA", "BraTS20_Training_001"]])  # same grade
+    assert [r.grade for r in discover(tree.root)] == ["HGG", "HGG", "LGG"]
+    _append_rows(csv, [["LGG", "NA", "NA", "NA", "NA", "BraTS20_Training_001"]])
+    with pytest.raises(DataError, match=r"name_mapping.csv gives 1 subject\(s\) two different "
+                                        r"grades, e.g. BraTS20_Training_001 on lines \[2, 5, 6\] "
+                                        r"\(HGG and LGG\); keep one row per subject"):
+        discover(tree.root)
+
+
+def test_an_all_zero_modality_is_a_failed_export(nifti_tree, h5_tree, tmp_path):
+    tree = nifti_tree()
+    r = discover(tree.root)[1]
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 16), np.int16), np.eye(4)), r.files["t1ce"])
+    with pytest.raises(DataError, match=r"BraTS20_Training_002_t1ce.nii is all zeros while the "
+                                        "subject's other modalities are not: a failed export"):
+        load_subject(r)
+    blank = synth_subjects(1, 0)
+    blank[0].image[1] = 0  # t1 never exported
+    h5 = h5_tree(subjects=blank, channel_order=("t1", "t1ce", "t2", "flair"), parent=tmp_path / "b")
+    rec = discover(h5.root, channel_order=("t1", "t1ce", "t2", "flair"))[0]
+    with pytest.raises(DataError, match=r"volume_1_slice_\*.h5 channel 0 \(t1\) is all zeros"):
+        load_subject(rec)
+
+
+def test_h5_volume_mapping_that_merges_two_volumes(h5_tree, tmp_path):
+    tree = h5_tree(n_hgg=2, n_lgg=1)
+    mapping = tmp_path / "volumes.csv"
+    mapping.write_text("volume,subject_id\n1,BraTS20_Training_001\n2,BraTS20_Training_001\n"
+                       "3,BraTS20_Training_003\n")
+    with pytest.raises(DataError, match=r"volumes.csv sends several H5 volumes to one subject "
+                                        r"\(e.g. volumes \[1, 2\] -> BraTS20_Training_001"):
+        discover(tree.root, volume_map=mapping)
+    with pytest.raises(DataError, match="volume_map setting sends several H5 volumes"):
+        discover(tree.root, volume_map={1: "A", 2: "B", 3: "A"})
+    mapping.write_text("volume,subject_id\n1,A\n2,B\n3,C\n1,D\n")
+    with pytest.raises(DataError, match=r"volumes.csv lists volume 1 with different subjects "
+                                        r"\['A', 'D'\]"):
+        discover(tree.root, volume_map=mapping)
+
+
+def test_name_mapping_in_another_encoding(nifti_tree, caplog):
+    tree = nifti_tree()
+    csv = tree.root / "name_mapping.csv"
+    text = csv.read_text()
+    csv.write_bytes(text.encode("utf-8-sig"))  # Excel's "CSV UTF-8"
+    assert len(discover(tree.root)) == 3
+    csv.write_bytes(text.encode("utf-16"))  # Notepad's "Unicode", with a byte-order mark
+    with caplog.at_level(logging.WARNING, logger="kdlib.data.checks"):
+        assert [r.grade for r in discover(tree.root)] == ["HGG", "HGG", "LGG"]
+    assert any("name_mapping.csv is UTF-16 text" in m for m in caplog.messages)
+    csv.write_bytes(text.replace("NA,NA,NA,NA,BraTS20_Training_002",
+                                 "NA,NA,Señora,NA,BraTS20_Training_002").encode("cp1252"))
+    with pytest.raises(DataError, match=r"name_mapping.csv is not UTF-8 text \(byte 0xf1 at "
+                                        r"offset \d+\); save it as UTF-8"):
+        discover(tree.root)
+
+
+def test_segmentation_in_another_orientation(nifti_tree, caplog):
+    tree = nifti_tree()
+    r = discover(tree.root)[0]
+    seg = tree.subjects[0].seg
+    flipped = np.diag([-1.0, 1, 1, 1])
+    flipped[0, 3] = 31  # the same shape and extent, first axis reversed
+    nib.save(nib.Nifti1Image(seg[::-1], flipped), r.files["seg"])
+    with pytest.raises(DataError, match=r"_seg.nii: its voxel axes point LAS while "
+                                        r"BraTS20_Training_001_flair.nii points RAS"):
+        load_subject(r)
+    shifted = np.eye(4)
+    shifted[:3, 3] = [-120, -120, 0]  # same axes, another origin: may be a valid export
+    nib.save(nib.Nifti1Image(seg, shifted), r.files["seg"])
+    with caplog.at_level(logging.WARNING, logger="kdlib.data.checks"):
+        np.testing.assert_array_equal(load_subject(r)[1], seg)
+    assert any("_seg.nii: affine differs" in m for m in caplog.messages)
+
+
+def test_h5_volumes_of_different_length_without_meta_data(h5_tree):
+    tree = h5_tree(n_hgg=2, n_lgg=1, meta=False)
+    assert len(discover(tree.root)) == 3
+    (tree.root / "volume_2_slice_15.h5").unlink()  # the last slice of volume 2 never arrived
+    with pytest.raises(DataError, match=r"volume_2 has 15 slices while most volumes have 16 "
+                                        r"\(1 volume\(s\) differ\).*add meta_data.csv"):
+        discover(tree.root)
+    rows = [(f"/content/data/volume_{v}_slice_{z}.h5", 0, v, z) for v in (1, 2, 3)
+            for z in range(15 if v == 2 else 16)]
+    pd.DataFrame(rows, columns=["slice_path", "target", "volume", "slice"]).to_csv(
+        tree.root / "meta_data.csv", index=False)  # meta_data.csv says volume 2 has 15
+    assert [len(r.files) for r in discover(tree.root)] == [16, 15, 16]
+
+
+APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(4066)
+
+
+def test_macos_metadata_files_are_skipped_with_a_note(nifti_tree, h5_tree, tmp_path):
+    tree = nifti_tree()
+    for s in tree.subjects[:2]:
+        for name in (f"{s.subject_id}_t1.nii", f"{s.subject_id}_seg.nii"):
+            (tree.root / s.subject_id / f"._{name}").write_bytes(APPLE_DOUBLE)
+    (tree.root / "._name_mapping.csv").write_bytes(APPLE_DOUBLE)
+    records = discover(tree.root)
+    assert [MAC_NOTE in r.notes for r in records] == [True, True, False]
+    assert records[0].files["t1"].name == "BraTS20_Training_001_t1.nii"
+    np.testing.assert_array_equal(load_subject(records[0])[1], tree.subjects[0].seg)
+    h5 = h5_tree(n_hgg=1, n_lgg=0, parent=tmp_path / "h5mac")
+    (h5.root / "._volume_1_slice_0.h5").write_bytes(APPLE_DOUBLE)
+    (h5.root / "._meta_data.csv").write_bytes(APPLE_DOUBLE)
+    rec = discover(h5.root)[0]
+    assert MAC_NOTE in rec.notes and len(rec.files) == 16
+    load_subject(rec)
+
+
+def test_reader_notes_are_grouped_for_printing(nifti_tree, h5_tree, tmp_path):
+    tree = nifti_tree(subjects=synth_subjects(2, 1, first=354))
+    lines = reader_notes(discover(tree.root))
+    assert lines == [("BraTS20_Training_355: segmentation read from non-standard file name "
+                      "W39_1998.09.19_Segm.nii")]
+    h5 = h5_tree(n_hgg=3, n_lgg=2, parent=tmp_path / "h5")
+    lines = reader_notes(discover(h5.root))
+    assert len(lines) == 1 and lines[0].startswith(
+        "5 subjects (BraTS20_Training_001 ... BraTS20_Training_005): grade assumes H5 volume_N")

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -11,6 +15,7 @@ import pandas as pd
 import pytest
 from conftest import FakeSubject
 
+import kdlib
 from kdlib import MODALITIES
 from kdlib.data import cache
 from kdlib.data.cache import (
@@ -21,6 +26,7 @@ from kdlib.data.cache import (
     prepare_cache,
     resize_slices,
 )
+from kdlib.data.processes import pid_alive
 from kdlib.errors import ConfigError, DataError
 
 SHAPE = (32, 32, 12)
@@ -181,6 +187,61 @@ def test_interrupted_build_leaves_no_complete_looking_cache(hand_tree, tmp_path,
 
     path = prepare_cache(hand_tree.root, out, PrepConfig(image_size=16), progress=False)
     assert len(load_slice_table(path)) == 18
+    assert _cache_files(out) == [path.with_suffix(".csv").name, path.name]
+
+
+KILLED_BUILD = """
+import os, sys, time
+from pathlib import Path
+from kdlib.data import cache
+
+
+def slow(record, prep):  # a pool worker that says who it is, then works for two minutes
+    Path(sys.argv[3], f"worker-{os.getpid()}").touch()
+    time.sleep(120)
+
+
+if __name__ == "__main__":
+    cache.process_subject = slow
+    cache.prepare_cache(sys.argv[1], sys.argv[2], cache.PrepConfig(image_size=16, workers=2),
+                        progress=False)
+"""
+
+
+def _wait_until(condition, seconds: float, proc=None) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_killed_parallel_build_leaves_no_workers_and_no_temp_files(hand_tree, tmp_path):
+    """SIGKILL a real `prepare_cache(workers=2)` process mid-build: its pool workers exit at
+    once, and the next build removes the temporary files it left."""
+    script, out, marks = tmp_path / "build.py", tmp_path / "c", tmp_path / "marks"
+    script.write_text(KILLED_BUILD)
+    marks.mkdir()
+    root = str(Path(kdlib.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(script), str(hand_tree.root), str(out),
+                             str(marks)], env=env)
+    workers: list[int] = []
+    try:
+        assert _wait_until(lambda: len(list(marks.iterdir())) == 2, 120, proc), "no busy workers"
+        workers = [int(p.name.split("-")[1]) for p in marks.iterdir()]
+        assert _cache_files(out) and all(".tmp-" in n for n in _cache_files(out))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        assert _wait_until(lambda: not any(pid_alive(w) for w in workers), 15), (
+            "pool workers outlived their killed parent")
+    finally:
+        for pid in [proc.pid] * (proc.poll() is None) + [w for w in workers if pid_alive(w)]:
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    assert all(".tmp-" in n for n in _cache_files(out))
+    path = prepare_cache(hand_tree.root, out, PrepConfig(image_size=16), progress=False)
     assert _cache_files(out) == [path.with_suffix(".csv").name, path.name]
 
 

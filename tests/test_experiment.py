@@ -1,5 +1,6 @@
-"""kdlib.experiment: validation, the runs of both questions counted by hand, the planned-run
-table (the results helpers of notebooks 02-03: test_results.py)."""
+"""kdlib.experiment: validation, the profiles' experiments, the experiment recorded in the manifest
+and the profile's plan, the runs of both questions counted by hand, the planned-run table (the
+results helpers of notebooks 02-03: test_results.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,23 @@ import itertools
 from collections import Counter
 
 import pytest
+from helpers_train import make_cache, write_splits
 
-from kdlib.errors import ConfigError
-from kdlib.experiment import Experiment, run_table
+from kdlib.errors import ConfigError, DataError
+from kdlib.experiment import (
+    Experiment,
+    load_experiment,
+    plan_path,
+    profile_plan,
+    read_profile_plan,
+    record_experiment,
+    run_table,
+)
 from kdlib.identity import method_name, run_id
+from kdlib.paths import project_root
+from kdlib.plan import make_plan, read_plan
+from kdlib.profiles import load_profile
+from kdlib.workbook import read_manifest, update_manifest
 
 CACHE, SPLITS = "data/cache/c.h5", "runs/x/splits.csv"  # never opened by configs()
 
@@ -20,10 +34,10 @@ CACHE, SPLITS = "data/cache/c.h5", "runs/x/splits.csv"  # never opened by config
 
 def test_defaults_and_list_coercion():
     exp = Experiment(ratios=[1, 4], seeds=[0, 1], folds=[], baseline_losses=["ce"], modalities="t1",
-                     repeats=[])
+                     train_repeats=[])
     assert exp.ratios == (1, 4) and exp.seeds == (0, 1) and exp.baseline_losses == ("ce",)
-    assert exp.folds is None and exp.repeats is None and exp.modalities == ("t1",)
-    assert Experiment(repeats=[2, 0]).repeats == (2, 0)
+    assert exp.folds is None and exp.train_repeats is None and exp.modalities == ("t1",)
+    assert Experiment(train_repeats=[2, 0]).train_repeats == (2, 0)
     assert Experiment(ratios=None).ratios == (None,)
 
 
@@ -34,6 +48,26 @@ def test_defaults_and_list_coercion():
     ({"weights": ""}, "weights=''"),
 ])
 def test_validation(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        Experiment(**kw)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"epochs": "3"}, "epochs='3' should be int"), ({"epochs": 2.5}, "epochs=2.5 should be int"),
+    ({"lr": True}, "lr=True should be float"), ({"kd_original": "yes"}, "kd_original='yes'"),
+    ({"seeds": ["a"]}, r"seeds=\('a',\) should be list\[int\]"),
+    ({"folds": [0.5]}, "folds=.* should be Optional"), ({"teacher": 3}, "teacher=3 should be str"),
+    ({"patience": "2"}, "patience='2' should be Optional"), ({"epochs": 0}, r"epochs=0 must lie"),
+    ({"batch_size": 1}, r"batch_size=1 must lie"),
+    ({"teacher": "cnn_q"}, "unknown model 'cnn_q'"),
+    ({"grid_students": ["cnn_xs", "resnet1"]}, "unknown model 'resnet1'"),
+    ({"baseline_losses": ["ce", "focall"]}, "baseline_losses='focall' is not valid"),
+    ({"teacher_loss": "kd"}, "teacher_loss='kd' is not valid"),
+    ({"distillers": ["kd", "dkdd"]}, "distillers='dkdd' is not valid"),
+    ({"grid_distiller": "ce"}, "grid_distiller='ce' is not valid"),
+])
+def test_types_and_names_are_checked_on_construction(kw, match):
+    """Settings reach the experiment from YAML and `-p`: a wrong type or name fails at once."""
     with pytest.raises(ConfigError, match=match):
         Experiment(**kw)
 
@@ -80,7 +114,7 @@ def test_configs_with_overlapping_questions():
     # the shared runs must appear once
     exp = Experiment(ratios=(None, 4), grid_ratio=4, teacher="cnn_l", student="cnn_xs",
                      grid_teachers=("cnn_m", "cnn_l"), grid_students=("cnn_xs", "cnn_s"),
-                     epochs=1, device="cpu")
+                     epochs=1)
     configs = exp.configs(CACHE, SPLITS, [0, 1])
     F, R, S = 2, 2, 1
     teachers = F * R * S + 2 * F * S - F * S  # cnn_l at both ratios; cnn_m, cnn_l at 4 (one shared)
@@ -151,7 +185,8 @@ def test_configs_cross_repeats_folds_ratios_and_seeds():
     check_structure(exp, configs, [0, 1, 2], repeats=(0, 1))
     assert {run_id(c) for c in one} == {run_id(c) for c in configs if c.repeat == 0}
     chosen = Experiment(ratios=(None, 4), seeds=(0, 1), grid_ratio=4, teacher="cnn_l", epochs=1,
-                        repeats=[1], folds=[2]).configs(CACHE, SPLITS, [0, 1, 2], repeats=[0, 1])
+                        train_repeats=[1], folds=[2]).configs(CACHE, SPLITS, [0, 1, 2],
+                                                              repeats=[0, 1])
     assert {(c.repeat, c.fold) for c in chosen} == {(1, 2)} and len(chosen) == len(one) // 3
 
 
@@ -179,19 +214,128 @@ def test_ratio_must_be_a_number_or_null():
         Experiment(ratios=["natural"])
 
 
-def test_experiment_defaults_are_the_notebooks_defaults():
-    import ast
+# ---------------------------------------------------------------- profiles and the manifest
 
-    from kdlib.pipeline import list_notebooks, notebook_parameters
+PROFILES = sorted(p.stem for p in (project_root() / "profiles").glob("*.yaml"))
 
-    fields = Experiment.__dataclass_fields__
-    default = Experiment()
-    for path in list_notebooks()[2:]:
-        for name, info in notebook_parameters(path).items():
-            if name not in fields:
-                continue
-            value = ast.literal_eval(info["default"])
-            value = {"folds": value or None, "weights": value or None}.get(name, value)
-            ours = getattr(default, name)
-            assert (list(ours) if isinstance(ours, tuple) else ours) == \
-                (list(value) if isinstance(value, (list, tuple)) else value), (path.name, name)
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_every_profile_spells_out_a_valid_experiment(name):
+    section = load_profile(name)["experiment"]
+    assert sorted(section) == sorted(Experiment.__dataclass_fields__), "list every setting"
+    exp = Experiment.from_profile(name)
+    assert exp.to_dict() == Experiment(**section).to_dict()
+    assert exp.configs("c.h5", "s.csv", [0, 1, 2])  # its runs expand
+
+
+def test_from_profile_applies_overrides_and_round_trips():
+    exp = Experiment.from_profile("demo", {"epochs": 5, "ratios": [None, 8]})
+    demo = Experiment.from_profile("demo")
+    assert exp.epochs == 5 and exp.ratios == (None, 8) and exp.teacher == demo.teacher
+    assert Experiment(**exp.to_dict()) == exp
+    assert Experiment.from_profile(load_profile("demo")) == demo  # a loaded profile works too
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['epoch'\] in the experiment "
+                                          "of profile 'demo'.*valid settings"):
+        Experiment.from_profile("demo", {"epoch": 5})
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """The `smoke` profile under a temporary output root, with a tiny cache and splits recorded
+    (what notebooks 00-01 leave)."""
+    monkeypatch.setenv("KDLIB_HOME", str(tmp_path))
+    cache = make_cache(tmp_path / "data", n_hgg=6, n_lgg=6, slices=4, size=16)
+    splits = write_splits(cache, tmp_path / "splits.csv")
+    update_manifest("smoke", cache=str(cache), splits=str(splits))
+    return tmp_path
+
+
+def test_load_experiment_falls_back_to_the_profile_file_and_records_it(workspace):
+    assert "experiment" not in read_manifest("smoke")
+    exp = load_experiment("smoke")  # a notebook opened in JupyterLab without the runner
+    assert exp == Experiment.from_profile("smoke")
+    man = read_manifest("smoke")
+    assert man["experiment"] == exp.to_dict() and man["experiment_source"].endswith("smoke.yaml")
+
+
+def test_load_experiment_prefers_the_recorded_one_and_says_how_the_file_differs(workspace, capsys):
+    recorded = Experiment.from_profile("smoke", {"epochs": 5})
+    record_experiment("smoke", recorded, "profiles/smoke.yaml with -p {'epochs': 5}")
+    assert load_experiment("smoke") == recorded
+    out = capsys.readouterr().out
+    assert "with -p {'epochs': 5}" in out and "epochs: 5 -> 3" in out
+    record_experiment("smoke", Experiment.from_profile("smoke"), "profiles/smoke.yaml")
+    load_experiment("smoke")
+    assert capsys.readouterr().out == ""  # nothing to say when they agree
+
+
+def test_profile_plan_written_recorded_and_checked_by_the_analysis(workspace):
+    exp = Experiment.from_profile("smoke", {"epochs": 1, "ratios": [None], "seeds": [0]})
+    record_experiment("smoke", exp, "test")
+    plan = profile_plan("smoke")
+    man = read_manifest("smoke")
+    expected = make_plan(exp.configs(man["cache"], man["splits"], [0, 1]))
+    assert plan == expected and read_plan(plan_path("smoke")) == expected
+    assert man["plan"]["runs"] == len(plan) and man["plan"]["made_from"]["experiment"]["epochs"] == 1
+    assert read_profile_plan("smoke") == plan  # what notebook 04 reads
+    # the recorded experiment changed (e.g. `kdlib run --only 04 -p epochs=2`): the plan is stale
+    record_experiment("smoke", Experiment.from_profile("smoke", {"epochs": 2, "ratios": [None]}),
+                      "test")
+    with pytest.raises(DataError, match=r"made for another experiment.*epochs: 1 -> 2"):
+        read_profile_plan("smoke")
+
+
+def test_read_profile_plan_without_a_plan_says_what_to_run(workspace):
+    with pytest.raises(DataError, match=r"no run plan yet.*notebooks 02 and 03, or `kdlib plan "
+                                        r"--profile smoke`"):
+        read_profile_plan("smoke")
+
+
+# ---------------------------------------------------------------- the declared primary family
+
+
+def test_primary_family_declaration_defaults_and_coercion():
+    exp = Experiment()
+    assert exp.primary_metric == "f1_LGG" and exp.guard_metric == "macro_f1"
+    assert exp.family_baselines == ("ce", "logit_adjusted") and exp.rope == 0.02
+    assert Experiment(baseline_losses=["ce", "focal"]).family_baselines == ("ce",)
+    assert exp.distilled_methods == ("kd", "dkd", "bkd", "kd+logit_adjusted", "kd_original")
+    assert exp.family_ratios == (1.0, 4.0)  # no natural ratio: the least imbalanced, strongest
+    assert Experiment(ratios=[4, None, 16]).family_ratios == (None, 16.0)
+    assert Experiment(ratios=[None]).family_ratios == (None,)
+    assert Experiment(ratios=[4]).family_ratios == (4.0,)
+    given = Experiment(ratios=[1, 4, 16], primary_ratios=[16, 4], primary_baselines="ce")
+    assert given.family_ratios == (16, 4) and given.family_baselines == ("ce",)
+    assert Experiment(ratios=[None, 4], primary_ratios=[None]).family_ratios == (None,)
+    assert Experiment(kd_task_losses=[], kd_original=False).distilled_methods == (
+        "kd", "dkd", "bkd")
+    assert Experiment(primary_baselines=["ce+posthoc"]).family_baselines == ("ce+posthoc",)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"primary_baselines": ("focal",), "baseline_losses": ("ce",)}, "primary_baselines"),
+    ({"primary_baselines": ()}, "primary_baselines"),
+    ({"primary_ratios": (8,)}, "primary_ratios"),
+    ({"primary_ratios": (None,)}, "primary_ratios"),  # the natural ratio is not trained
+    ({"primary_ratios": ()}, "primary_ratios"),
+    ({"primary_ratios": ("4",)}, "primary_ratios"),
+    ({"rope": -0.1}, "rope"),
+    ({"rope": True}, "rope"),
+    ({"rope": 1.5}, "rope"),
+    ({"primary_metric": ""}, "primary_metric"),
+    ({"guard_metric": None}, "guard_metric"),
+])
+def test_primary_family_declaration_validation(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        Experiment(**kw)
+
+
+def test_analysis_settings_leave_the_plan_valid(workspace):
+    small = {"epochs": 1, "ratios": [None], "seeds": [0]}
+    record_experiment("smoke", Experiment.from_profile("smoke", small), "test")
+    plan = profile_plan("smoke")
+    analysis_only = {"rope": 0.05, "guard_metric": "balanced_accuracy", "primary_ratios": [None],
+                     "primary_baselines": ["ce"], "primary_metric": "recall_LGG"}
+    record_experiment("smoke", Experiment.from_profile("smoke", {**small, **analysis_only}), "t")
+    assert read_profile_plan("smoke") == plan  # no run changed: notebook 04 reads the same plan
+    assert load_experiment("smoke", verbose=False).rope == 0.05

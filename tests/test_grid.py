@@ -1,4 +1,4 @@
-"""kdlib.grid: grid expansion (teachers matched to students), dependency order, the runner."""
+"""kdlib.grid: grid expansion (teachers matched to students) and run_grid (kdlib.launch)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from helpers_train import tiny_config, tiny_train_data
 
 from kdlib.errors import ConfigError, RunError
-from kdlib.grid import expand_grid, grid_levels, load_grid, run_grid
+from kdlib.grid import expand_grid, load_grid, run_grid
 from kdlib.identity import run_id
 from kdlib.results import load_history, load_predictions, load_runs
 from kdlib.train import fit
@@ -82,16 +82,6 @@ def test_expand_grid_sweeps_and_errors(data, tmp_path):
     assert load_grid(path) == expand_grid(spec(data))
 
 
-def test_grid_levels_put_teachers_first(data):
-    runs = expand_grid(spec(data))
-    reordered = runs[::-1]
-    levels = grid_levels(reordered)
-    first = {run_id(reordered[i]) for i in levels[0]}
-    assert all(run_id(c) in first for c in runs if c.distiller is None)
-    assert all(run_id(reordered[i]) not in first for i in levels[1])
-    assert all(reordered[i].distiller for i in levels[1])
-
-
 def test_run_grid_trains_in_order_skips_and_tabulates(data, tmp_path, monkeypatch):
     s = spec(data, grid={"fold": 0}, teachers={"model": "cnn_s"},
              students={"model": "cnn_xs", "distiller": [None, "kd"]})
@@ -122,9 +112,9 @@ def test_run_grid_reports_failures_and_skips_dependants(data, tmp_path):
     with pytest.raises(RunError) as err:
         run_grid([student, orphan, good, bad_teacher], tmp_path, progress=False)
     msg = str(err.value)
-    assert msg.startswith("3 of 4 grid run(s) failed")
+    assert msg.startswith("1 trained, 0 done, 2 failed, 1 skipped (of 4 runs)")
     assert "teacher 'missing-run' not found" in msg and "no.h5" in msg
-    assert f"{run_id(student)}: skipped: teacher {run_id(bad_teacher)} failed" in msg
+    assert f"{run_id(student)}: skipped: needs run {run_id(bad_teacher)}, which failed" in msg
     assert (tmp_path / run_id(good)).is_dir()
 
 

@@ -9,7 +9,9 @@ import json
 import nbformat
 import pandas as pd
 import pytest
+import yaml
 
+from kdlib.experiment import Experiment
 from kdlib.paths import project_root
 from kdlib.pipeline import list_notebooks, load_profile, notebook_parameters, plan_run, run_profile
 
@@ -48,13 +50,15 @@ def test_every_parameter_is_typed_commented_and_seen_by_papermill(path):
     assert "profile" in seen
 
 
-def test_parameters_shared_by_notebooks_have_the_same_default():
-    defaults: dict[str, dict[str, str]] = {}
-    for path in NOTEBOOKS:
-        for name, info in notebook_parameters(path).items():
-            defaults.setdefault(name, {})[path.stem] = info["default"]
-    differ = {k: v for k, v in defaults.items() if len(set(v.values())) > 1}
-    assert not differ, f"shared parameters with different defaults: {differ}"
+@pytest.mark.parametrize("path", NOTEBOOKS[2:], ids=lambda p: p.stem)
+def test_training_and_analysis_notebooks_take_the_experiment_from_the_profile(path):
+    """02-04 declare no experiment setting: they read the recorded experiment and its plan."""
+    declared = set(notebook_parameters(path))
+    assert not declared & set(Experiment.__dataclass_fields__)
+    source = "".join(c.source for c in nbformat.read(path, as_version=4).cells)
+    assert "load_experiment(profile)" in source
+    assert ("read_profile_plan(profile)" if path.stem.startswith("04") else
+            "profile_plan(profile)") in source
 
 
 @pytest.mark.parametrize("name", PROFILES)
@@ -79,7 +83,7 @@ def test_smoke_chain_runs_every_notebook_and_writes_every_figure(tmp_path, monke
     expected = ["data_class_distribution", "data_example_slices", "data_intensity_histograms",
                 "data_split_distribution", "teachers_learning_curves", "baselines_learning_curves",
                 "students_learning_curves", "q1_gain_vs_ratio_losses", "q1_gain_vs_ratio_kd",
-                "q1_gain_vs_ratio_kd_bootstrap",
+                "q1_gain_vs_ratio_kd_vs_la",
                 "q1_roc_pr", "q1_reliability", "q2_gain_heatmap", "q2_f1_vs_params"]
     for name in expected:
         for ext in ("pdf", "png"):
@@ -87,11 +91,19 @@ def test_smoke_chain_runs_every_notebook_and_writes_every_figure(tmp_path, monke
             assert f.is_file() and f.stat().st_size > 1000, f"missing or empty {f.name}"
     assert list(figures.glob("q1_confusion_*.pdf")) and list(figures.glob("q1_per_class_f1_*.pdf"))
     for table in ("data_split_table", "data_training_sets", "validation_baselines", "q1_methods",
-                  "q1_paired_tests", "q1_bootstrap", "q2_size_grid"):
+                  "q1_effects", "q1_primary_tests", "q1_power", "q1_bootstrap", "q2_size_grid"):
         assert (figures / f"{table}.tex").read_text().count("\\toprule") == 1
         assert len(pd.read_csv(figures / f"{table}.csv")) > 0
     answers = (figures / "answers.md").read_text()
     assert "Question 1" in answers and "Question 2" in answers
+    assert "Declared family *Q1 primary*: 20 hypotheses" in answers  # smoke: 5 x 2 x 2
+    assert "5 folds x 1 repeat x 1 seed" in answers and "What the design supports" in answers
+
+    # the experiment recorded by the runner, and the plan notebooks 02-04 used
+    runs_dir = tmp_path / "runs" / "smoke"
+    man = yaml.safe_load((runs_dir / "manifest.yaml").read_text())
+    assert man["experiment"] == Experiment.from_profile("smoke").to_dict()
+    assert len((runs_dir / "plan.jsonl").read_text().splitlines()) == man["plan"]["runs"]
 
     # rerunning resumes: every training run is found finished, none is trained again
     runs = sorted(p.name for p in (tmp_path / "runs" / "smoke").iterdir() if p.is_dir())

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from kdlib.errors import ConfigError, RunError
+from kdlib.experiment import Experiment
 from kdlib.paths import STATIC_ENV
 from kdlib.pipeline import (
     _type_ok,
@@ -15,11 +16,12 @@ from kdlib.pipeline import (
     parse_overrides,
     plan_run,
     run_profile,
+    split_overrides,
     strip_outputs,
 )
 
-PARAMS_00 = 'profile: str = "x"\nepochs: int = 2\nlr: float = 0.1\nratio: Optional[float] = None\n'
-PARAMS_01 = 'profile: str = "x"\nepochs: int = 2\nflag: bool = False\nnames: list = []\n'
+PARAMS_00 = 'profile: str = "x"\nsteps: int = 2\nrate: float = 0.1\nratio: Optional[float] = None\n'
+PARAMS_01 = 'profile: str = "x"\nsteps: int = 2\nflag: bool = False\nnames: list = []\n'
 
 
 def write_notebook(path, params: str, *cells: str):
@@ -38,8 +40,8 @@ def write_notebook(path, params: str, *cells: str):
 def notebooks(tmp_path):
     folder = tmp_path / "nbs"
     folder.mkdir()
-    write_notebook(folder / "01_second.ipynb", PARAMS_01, "print(epochs)")
-    write_notebook(folder / "00_first.ipynb", PARAMS_00, "print(epochs)")
+    write_notebook(folder / "01_second.ipynb", PARAMS_01, "print(steps)")
+    write_notebook(folder / "00_first.ipynb", PARAMS_00, "print(steps)")
     (folder / "scratch.ipynb").write_text("{}")  # not numbered: ignored
     return list_notebooks(folder)
 
@@ -103,17 +105,17 @@ def test_list_notebooks_defaults_to_the_project_notebooks():
 
 
 def test_plan_injects_profile_and_merges_parameters(notebooks):
-    prof = profile(parameters={"epochs": 4}, notebooks={"01_second": {"flag": True}})
-    plan = plan_run(prof, notebooks, overrides={"lr": 0.25})
+    prof = profile(parameters={"steps": 4}, notebooks={"01_second": {"flag": True}})
+    plan = plan_run(prof, notebooks, overrides={"rate": 0.25})
     assert [nb.name for nb, _ in plan] == ["00_first.ipynb", "01_second.ipynb"]
-    assert plan[0][1] == {"profile": "tiny", "epochs": 4, "lr": 0.25}
-    assert plan[1][1] == {"profile": "tiny", "epochs": 4, "flag": True}
+    assert plan[0][1] == {"profile": "tiny", "steps": 4, "rate": 0.25}
+    assert plan[1][1] == {"profile": "tiny", "steps": 4, "flag": True}
     # -p beats the per-notebook value, which beats the shared one
-    prof = profile(parameters={"epochs": 4}, notebooks={"01_second": {"epochs": 6}})
-    plan = plan_run(prof, notebooks, overrides={"epochs": 9})
-    assert [v["epochs"] for _, v in plan] == [9, 9]
+    prof = profile(parameters={"steps": 4}, notebooks={"01_second": {"steps": 6}})
+    plan = plan_run(prof, notebooks, overrides={"steps": 9})
+    assert [v["steps"] for _, v in plan] == [9, 9]
     plan = plan_run(prof, notebooks)
-    assert [v["epochs"] for _, v in plan] == [4, 6]
+    assert [v["steps"] for _, v in plan] == [4, 6]
 
 
 def test_plan_only_selects_in_notebook_order(notebooks):
@@ -126,22 +128,27 @@ def test_plan_only_selects_in_notebook_order(notebooks):
 
 
 def test_plan_override_checked_against_the_selected_notebooks_only(notebooks):
-    # `lr` belongs to 00 only: fine for the whole profile, an error when only 01 runs
-    assert plan_run(profile(), notebooks, overrides={"lr": 0.2})[0][1]["lr"] == 0.2
-    with pytest.raises(ConfigError, match=r"-p \['lr'\]: not a parameter"):
-        plan_run(profile(), notebooks, only=["01"], overrides={"lr": 0.2})
+    # `rate` belongs to 00 only: fine for the whole profile, an error when only 01 runs
+    assert plan_run(profile(), notebooks, overrides={"rate": 0.2})[0][1]["rate"] == 0.2
+    with pytest.raises(ConfigError, match=r"-p \['rate'\]: neither an experiment setting nor a"):
+        plan_run(profile(), notebooks, only=["01"], overrides={"rate": 0.2})
 
 
 @pytest.mark.parametrize("prof, overrides, match", [
     (profile(parameters={"epochz": 3}), None,
      r"parameters \['epochz'\] are declared by no notebook"),
-    (profile(notebooks={"01_second": {"lr": 0.1}}), None,
-     r"01_second declares no parameters \['lr'\]"),
+    (profile(notebooks={"01_second": {"rate": 0.1}}), None,
+     r"01_second declares no parameters \['rate'\]"),
     (profile(notebooks={"05_missing": {}}), None, r"no notebook '05_missing'"),
-    (profile(), {"batch": 3}, r"-p \['batch'\]: not a parameter"),
-    (profile(parameters={"epochs": "3"}), None,
-     r"00_first.ipynb: parameter epochs='3' should be int"),
-    (profile(parameters={"epochs": True}), None, r"epochs=True should be int"),
+    (profile(), {"batch": 3}, r"-p \['batch'\]: neither an experiment setting nor a parameter"),
+    (profile(parameters={"epochs": 3}), None,
+     r"profile tiny: \['epochs'\] are experiment settings: move them .* to `experiment:`"),
+    (profile(), {"epochs": "3"}, r"experiment setting epochs='3' should be int"),
+    (profile(experiment={"teacher": "cnn_q"}), None, r"unknown model 'cnn_q'"),
+    (profile(experiment={"epoch": 3}), None, r"unknown setting\(s\) \['epoch'\] in the experiment"),
+    (profile(parameters={"steps": "3"}), None,
+     r"00_first.ipynb: parameter steps='3' should be int"),
+    (profile(parameters={"steps": True}), None, r"steps=True should be int"),
     (profile(notebooks={"00_first": {"ratio": "high"}}), None, r"ratio='high' should be Optional"),
     (profile(), {"flag": 1}, r"01_second.ipynb: parameter flag=1 should be bool"),
 ])
@@ -150,9 +157,30 @@ def test_plan_rejects_unknown_or_mistyped_parameters(notebooks, prof, overrides,
         plan_run(prof, notebooks, overrides=overrides)
 
 
+def test_plan_takes_experiment_settings_from_the_profile_and_p(tmp_path, notebooks):
+    # -p of an experiment setting that no notebook declares is fine: it goes into the experiment
+    plan = plan_run(profile(), notebooks, overrides={"epochs": 5, "ratios": [1, 8]})
+    assert all("epochs" not in v for _, v in plan)
+    # a notebook parameter named like an experiment setting gets the experiment's value
+    write_notebook(tmp_path / "nbs" / "02_third.ipynb",
+                   'profile: str = "x"\nratios: list = [1]\nsteps: int = 1\n', "print(ratios)")
+    nbs = list_notebooks(tmp_path / "nbs")
+    prof = profile(experiment={"ratios": [2, 8]}, parameters={"steps": 3})
+    assert plan_run(prof, nbs)[2][1] == {"profile": "tiny", "ratios": [2, 8], "steps": 3}
+    assert plan_run(prof, nbs, overrides={"ratios": [None, 4]})[2][1]["ratios"] == [None, 4]
+    with pytest.raises(ConfigError, match=r"ratio=0.5 must lie in"):
+        plan_run(prof, nbs, overrides={"ratios": [0.5]})
+
+
+def test_split_overrides():
+    assert split_overrides({"epochs": 5, "n_boot": 9, "teacher": "cnn_s"}) == (
+        {"epochs": 5, "teacher": "cnn_s"}, {"n_boot": 9})
+    assert split_overrides(None) == ({}, {})
+
+
 def test_plan_accepts_none_for_optional_and_int_for_float(notebooks):
-    plan = plan_run(profile(parameters={"ratio": None, "lr": 1}), notebooks)
-    assert plan[0][1]["ratio"] is None and plan[0][1]["lr"] == 1
+    plan = plan_run(profile(parameters={"ratio": None, "rate": 1}), notebooks)
+    assert plan[0][1]["ratio"] is None and plan[0][1]["rate"] == 1
 
 
 # ---------------------------------------------------------------- profiles
@@ -160,9 +188,9 @@ def test_plan_accepts_none_for_optional_and_int_for_float(notebooks):
 
 def test_load_profile_reads_a_yaml_path_and_fills_defaults(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text(yaml.safe_dump({"description": "d", "parameters": {"epochs": 1}}))
+    path.write_text(yaml.safe_dump({"description": "d", "parameters": {"steps": 1}}))
     prof = load_profile(str(path))
-    assert prof == {"description": "d", "parameters": {"epochs": 1}, "notebooks": {},
+    assert prof == {"description": "d", "parameters": {"steps": 1}, "notebooks": {}, "experiment": {},
                     "name": "mine"}
 
 
@@ -245,7 +273,7 @@ def test_run_profile_executes_and_writes_the_copy(tmp_path, monkeypatch):
                    "import os\n"
                    "print(f'{profile}|{value * 2}|{os.environ.get(\"KDLIB_STATIC_FIGURES\")}')")
     done = run_profile(str(_profile_file(tmp_path, value=21)), notebooks_dir=folder,
-                       log_output=False, progress_bar=False)
+                       overrides={"epochs": 5}, log_output=False, progress_bar=False)
     out = tmp_path / "home" / "runs" / "tiny" / "notebooks" / "00_hello.ipynb"
     assert done == [out] and out.is_file()
     nb = nbformat.read(str(out), as_version=4)
@@ -253,6 +281,10 @@ def test_run_profile_executes_and_writes_the_copy(tmp_path, monkeypatch):
     assert "tiny|42|1" in text  # profile injected, parameter applied, static figures on
     source = nbformat.read(str(folder / "00_hello.ipynb"), as_version=4)
     assert all(not c.outputs for c in source.cells if c.cell_type == "code")  # source untouched
+    # the experiment, with the -p override, is recorded for the notebooks to read
+    man = yaml.safe_load((tmp_path / "home" / "runs" / "tiny" / "manifest.yaml").read_text())
+    assert man["experiment"] == {**Experiment().to_dict(), "epochs": 5}
+    assert man["experiment_source"].endswith("tiny.yaml with -p {'epochs': 5}")
 
 
 def test_run_profile_failure_names_the_notebook_and_the_copy(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("exp")
     cache = make_cache(root, n_hgg=6, n_lgg=6, slices=4, size=16)
     splits = write_splits(cache, root / "splits.csv")
-    exp = Experiment(modalities=("flair", "t1"), folds=(0,), epochs=2, batch_size=8, device="cpu",
+    exp = Experiment(modalities=("flair", "t1"), folds=(0,), epochs=2, batch_size=8,
                      teacher="cnn_s", student="cnn_xs", baseline_losses=("ce",), distillers=("kd",),
                      kd_task_losses=(), kd_original=False, grid_teachers=(), grid_students=(),
                      ratios=(None,))

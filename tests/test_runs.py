@@ -14,6 +14,7 @@ from kdlib.errors import RunError
 from kdlib.runs import (
     RUN_FILES,
     check_resume,
+    execution_identity,
     finish_run,
     is_finished,
     save_atomic,
@@ -76,6 +77,20 @@ def _finish(tmp, final, value=1.0):
     history = pd.DataFrame({"epoch": [1], "time_s": [0.1]})
     return finish_run(tmp, final, pred, {"macro_f1": value}, history, {"w": torch.zeros(1)},
                       {"device": "cpu", "teacher_path": ""})
+
+
+def test_check_resume_compares_the_cpu_thread_count(tmp_path):
+    def identity(**execution):
+        return {"config": {"lr": 0.1}, "data": {"splits": "abc"}, "execution": execution}
+
+    cpu = execution_identity(torch.device("cpu"))
+    assert cpu == {"device_type": "cpu", "autocast": False, "cpu_threads": torch.get_num_threads()}
+    saved = identity(**{**cpu, "cpu_threads": 4})
+    check_resume(saved, saved, tmp_path)
+    with pytest.raises(RunError, match=r"started with 4 CPU thread\(s\) and would continue with 2"):
+        check_resume(identity(**{**cpu, "cpu_threads": 2}), saved, tmp_path)
+    older = identity(device_type="cpu", autocast=False)  # a checkpoint from before the count
+    check_resume(identity(**{**cpu, "cpu_threads": 2}), older, tmp_path)
 
 
 def test_finish_run_writes_every_file_and_renames(tmp_path):

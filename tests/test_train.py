@@ -308,8 +308,9 @@ def test_resume_refuses_another_kind_of_device(data, tmp_path, monkeypatch):
     monkeypatch.undo()
     ckpt_path = tmp_path / f".tmp-{run_id(load_train_config(cfg))}" / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=True)
-    assert ckpt["identity"]["execution"] == {"device_type": "cpu", "autocast": False}
-    ckpt["identity"]["execution"] = {"device_type": "cuda", "autocast": True}
+    assert ckpt["identity"]["execution"] == {"device_type": "cpu", "autocast": False,
+                                             "cpu_threads": torch.get_num_threads()}
+    ckpt["identity"]["execution"] = {"device_type": "cuda", "autocast": True, "cpu_threads": None}
     torch.save(ckpt, ckpt_path)
     with pytest.raises(RunError, match=r"cannot resume.*started on cuda \(bf16 autocast\).*cpu.*"
                                        r"same kind of device.*delete"):
@@ -370,6 +371,24 @@ def test_resume_refuses_another_gpu_model_or_determinism(data, tmp_path, monkeyp
     torch.save(ckpt, ckpt_path)
     with pytest.raises(RunError, match=r"cannot resume.*gpu: 'NVIDIA A100-SXM4-80GB' -> None"):
         fit(cfg, tmp_path, progress=False)
+
+
+def test_resume_refuses_another_cpu_thread_count(data, tmp_path, monkeypatch):
+    cfg = tiny_config(*data, epochs=3)
+    threads = torch.get_num_threads()
+    _interrupt_at(monkeypatch, 4)
+    with pytest.raises(Interrupt):
+        fit(cfg, tmp_path, progress=False)
+    monkeypatch.undo()
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.raises(RunError, match=rf"cannot resume.*started with {threads} CPU thread\(s\) "
+                                           rf"and would continue with {threads + 1}.*"
+                                           rf"set_num_threads\({threads}\)"):
+            fit(cfg, tmp_path, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert fit(cfg, tmp_path, progress=False).is_dir()  # the same count resumes
 
 
 def _step_inputs(model="cnn_xs", channels=2, n=8, size=32, optimizer_device="cpu"):

@@ -52,6 +52,23 @@ def test_manifest_round_trip_and_merge(tmp_path, monkeypatch):
     assert (tmp_path / "figures" / "p").is_dir() and (runs / "notebooks").is_dir()
 
 
+def test_a_new_dataset_or_cache_drops_the_entries_made_from_the_old_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDLIB_HOME", str(tmp_path))
+    everything = {"dataset": {"source": "nifti", "root": "/a", "fmt": "nifti", "reader": {}},
+                  "cache": "data/cache/c1.h5", "prep": {"image_size": 16},
+                  "splits": "runs/d/s1.csv", "split": {"k_folds": 2}, "note": "kept"}
+    wb.update_manifest("d", **everything)
+    wb.update_manifest("d", dataset=everything["dataset"], cache=str(tmp_path / "data/cache/c1.h5"))
+    assert set(wb.read_manifest("d")) == set(everything)  # the same entries: nothing dropped
+    wb.update_manifest("d", cache="data/cache/c2.h5", prep={"image_size": 32})
+    assert set(wb.read_manifest("d")) == {"dataset", "cache", "prep", "note"}
+    wb.update_manifest("d", splits="runs/d/s2.csv", split={"k_folds": 2})
+    wb.update_manifest("d", dataset={**everything["dataset"], "root": "/b"})
+    assert set(wb.read_manifest("d")) == {"dataset", "note"}
+    with pytest.raises(DataError, match="no slice cache yet"):
+        wb.build_splits("d", SPLIT)  # never the splits of the old data
+
+
 def test_read_manifest_of_a_fresh_profile_says_what_to_run(tmp_path, monkeypatch):
     monkeypatch.setenv("KDLIB_HOME", str(tmp_path))
     with pytest.raises(DataError) as err:

@@ -31,6 +31,7 @@ import kdlib
 from kdlib import CLASSES, GRADES, MODALITIES
 from kdlib.config import check_choice, check_range, to_dict
 from kdlib.data.brats import SubjectRecord, discover, load_subject
+from kdlib.data.processes import exit_with_parent, remove_stale_temps, temp_name
 from kdlib.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ def process_subject(
 
 def _init_worker() -> None:
     torch.set_num_threads(1)
+    exit_with_parent()
 
 
 # ---------------------------------------------------------------- the cache file
@@ -237,7 +239,8 @@ def prepare_cache(
 
     The file name holds a hash of the source files and settings, so a second call with the same
     data and settings returns at once. Written under temporary names and renamed at the end
-    (CSV first, H5 last), so an interrupted build never leaves a cache that looks complete.
+    (CSV first, H5 last), so an interrupted build never leaves a cache that looks complete; the
+    temporary files of a killed build are removed by the next call.
     reader_kw (channel_order, volume_map) go to `discover`.
     """
     records = discover(root, fmt=fmt, **reader_kw)
@@ -247,12 +250,12 @@ def prepare_cache(
     }
     out_dir = Path(out_dir)
     final = out_dir / f"cache_{cache_key(records, prep)}.h5"
+    remove_stale_temps(out_dir, "cache_*")
     if _is_complete(final):
         log.info("reusing slice cache %s", final)
         return final
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_h5 = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    tmp_csv = final.with_name(f"{final.stem}.csv.tmp-{os.getpid()}")
+    tmp_h5, tmp_csv = temp_name(final), temp_name(final.with_suffix(".csv"))
     S, t0 = prep.image_size, time.perf_counter()
     try:
         tables, n = [], 0

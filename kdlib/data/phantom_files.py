@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from kdlib import MODALITIES
 from kdlib.config import to_dict
 from kdlib.data.phantom import PhantomConfig, phantom_subject
+from kdlib.data.processes import exit_with_parent
 from kdlib.errors import DataError
 
 VERSION = 1  # bump when the generated data (phantom.py too) changes, so old markers stop matching
@@ -210,7 +211,8 @@ def make_phantom(
     if cfg.workers == 1:
         counts = [_write_subject(*job) for job in tqdm(jobs, **bar)]
     else:  # each worker holds one subject at a time: memory ~ workers x one subject
-        with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"),
+                                 initializer=exit_with_parent) as pool:
             counts = list(tqdm(pool.map(_write_subject, *zip(*jobs)), **bar))
     _write_csv(nifti / "name_mapping.csv", NAME_MAPPING_HEADER, names)
     _write_csv(nifti / "survival_info.csv", SURVIVAL_HEADER, survival)

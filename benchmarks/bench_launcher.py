@@ -1,0 +1,98 @@
+"""Launcher speed: one run plan trained level by level (the order of the old `kdlib.grid.run_grid`:
+every run of a dependency level, then wait for the whole level before the next) and by
+`kdlib.launch`'s dependency-graph scheduler (a student starts as soon as its own teacher is
+finished), on the same kind of local worker processes. Prints, for each, the wall time and the
+idle worker-seconds (workers x wall time minus the time the workers spent in runs: start-up,
+and the waits the level barrier adds).
+
+    python benchmarks/bench_launcher.py [--profile smoke] [--workers 2] [--folds 3] [-p epochs=3]
+
+The data is a small synthetic dataset written under a temporary KDLIB_HOME; the plan is the
+profile's experiment (with `-p` overrides of its settings) on --folds cross-validation folds. Measure on a quiet machine: other load
+stretches both wall times and hides the difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from kdlib.experiment import Experiment
+from kdlib.launch import RunResult, TrainTask, launch, local_executor
+from kdlib.plan import PlanEntry, make_plan, plan_levels
+from kdlib.profiles import parse_overrides
+from kdlib.workbook import build_cache, build_splits, data_settings, get_dataset, split_folds
+
+
+def launch_by_level(entries: list[PlanEntry], runs_dir: Path, workers: int) -> dict[str, RunResult]:
+    """The old order, kept only for this comparison: submit every run of a dependency level to
+    the workers, wait for all of them, then the next level."""
+    executor = local_executor(["cpu"] * workers, threads=1)
+    results: dict[str, RunResult] = {}
+    try:
+        for rows in plan_levels(entries):
+            futures = [executor.submit(TrainTask(entries[i].config.to_dict(), str(runs_dir)))
+                       for i in rows]
+            for f in futures:
+                r = f.result()
+                results[r.run_id] = r
+    finally:
+        executor.shutdown()
+    return results
+
+
+def by_graph(entries: list[PlanEntry], runs_dir: Path, workers: int) -> dict[str, RunResult]:
+    """kdlib.launch on the same workers."""
+    executor = local_executor(["cpu"] * workers, threads=1)
+    try:
+        return launch(entries, runs_dir, executor, progress=False)
+    finally:
+        executor.shutdown()
+
+
+def measure(name: str, fn: Callable[[list[PlanEntry], Path, int], dict[str, RunResult]],
+            entries: list[PlanEntry], runs_dir: Path, workers: int) -> float:
+    """Run `fn` and print its wall time, the time spent in runs and the idle worker-seconds."""
+    start = time.time()
+    results = fn(entries, runs_dir, workers)
+    wall = time.time() - start
+    failed = [r for r in results.values() if r.status != "trained"]
+    busy = sum(r.ended - r.started for r in results.values() if r.started is not None)
+    print(f"{name:<22} wall {wall:7.1f} s   in runs {busy:7.1f} worker-s   idle "
+          f"{workers * wall - busy:7.1f} worker-s   ({len(results)} runs, {len(failed)} failed)")
+    return wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", default="smoke", help="whose experiment (default smoke)")
+    p.add_argument("--workers", type=int, default=2, help="CPU worker processes (default 2)")
+    p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE",
+                   help="override an experiment setting, e.g. -p epochs=1 -p 'ratios=[4]'")
+    p.add_argument("--folds", type=int, default=3, help="cross-validation folds (default 3)")
+    p.add_argument("--subjects", type=int, default=12, help="synthetic subjects per grade")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as home:
+        os.environ["KDLIB_HOME"] = home
+        get_dataset("bench", phantom={"n_hgg": args.subjects, "n_lgg": args.subjects,
+                                      "shape": (64, 64, 40)}, progress=False)
+        build_cache("bench", {"image_size": 32}, progress=False)
+        build_splits("bench", {"k_folds": args.folds})
+        exp = Experiment.from_profile(args.profile, parse_overrides(args.param))
+        entries = make_plan(exp.configs(**data_settings("bench"), **split_folds("bench")))
+        levels = [len(r) for r in plan_levels(entries)]
+        print(f"plan: {len(entries)} runs ({' then '.join(map(str, levels))} by level), "
+              f"{exp.epochs} epochs, {args.workers} CPU workers of 1 thread, "
+              f"{os.cpu_count()} cores")
+        old = measure("level by level (old)", launch_by_level, entries, Path(home) / "a",
+                      args.workers)
+        new = measure("dependency graph", by_graph, entries, Path(home) / "b", args.workers)
+        print(f"dependency graph / level by level: {new / old:.2f} of the wall time")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Train a run plan on any `concurrent.futures`-style executor, in dependency order.
+
+`launch(entries, runs_dir, executor)` is a dependency-graph scheduler: a run is handed to the
+executor as soon as the plan runs it depends on (its teacher) are finished, without waiting for
+the rest of their level. Executors: local worker processes (`local_executor`: one pinned worker
+per listed device, or N single-threaded CPU workers; long-lived, so a worker's caches serve many
+runs), this process (`InlineExecutor`), or Slurm through submitit (kdlib.slurm), whose preempted
+or timed-out jobs are requeued by `TrainTask.checkpoint` and resume from the run's checkpoint.
+A failed run (any exception, e.g. CUDA out of memory) is reported as that run's failure; the runs
+that depend on it are skipped and the others go on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import multiprocessing
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kdlib.errors import RunError
+from kdlib.identity import run_id
+from kdlib.plan import PlanEntry, make_plan
+from kdlib.runs import is_finished
+from kdlib.train import fit
+from kdlib.train_config import TrainConfig, load_train_config
+
+try:  # optional: pip install kdlib[cluster]
+    from submitit.helpers import DelayedSubmission
+except ImportError:  # pragma: no cover - exercised only without the extra
+    DelayedSubmission = None
+
+_WORKER: dict[str, Any] = {"device": None}
+WHY_NOT = {"failed": "failed", "skipped": "was skipped",
+           "missing": "is neither in this launch nor finished"}  # set once per local worker process by _init_worker
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What became of one run: status `trained`, `done` (finished before), `failed` or `skipped`
+    (a run it depends on failed); error says why; started/ended are wall-clock seconds."""
+
+    run_id: str
+    status: str
+    path: str | None = None
+    error: str | None = None
+    started: float | None = None
+    ended: float | None = None
+    worker: str = ""
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """One run as a picklable callable: `fit(config, runs_dir)` in whichever process runs it.
+
+    device: None = the worker's pinned device, else the config's; threads: torch threads to use
+    (None = leave the process's setting). Exceptions become a `failed` RunResult.
+    """
+
+    config: dict[str, Any]
+    runs_dir: str
+    progress: bool = False
+    device: str | None = None
+    threads: int | None = None
+
+    def __call__(self) -> RunResult:
+        started = time.time()
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        rid = "?"
+        try:
+            cfg = TrainConfig.from_dict(self.config)
+            rid = run_id(cfg)
+            device = self.device or _WORKER["device"]
+            if device:
+                cfg = dataclasses.replace(cfg, device=device)
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            path = fit(cfg, self.runs_dir, progress=self.progress)
+        except Exception as err:  # noqa: BLE001 - reported as this run's failure, the rest go on
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()  # e.g. after out of memory: the next run starts clean
+            return RunResult(rid, "failed", None, f"{type(err).__name__}: {err}", started,
+                             time.time(), worker)
+        return RunResult(rid, "trained", str(path), None, started, time.time(), worker)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit calls this when the job is preempted or near its time limit: requeue the same
+        task, which resumes from the run's last epoch checkpoint."""
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+class InlineExecutor(cf.Executor):
+    """Runs each submitted call at once in this process (one device, no worker start-up)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
+        future: cf.Future = cf.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as err:  # noqa: BLE001 - delivered through the future, as executors do
+            future.set_exception(err)
+        return future
+
+
+def _pin(device: str) -> tuple[str, str | None]:
+    """(the device a pinned worker trains on, its CUDA_VISIBLE_DEVICES or None)."""
+    if not device.startswith("cuda"):
+        return device, None
+    index = int(device.partition(":")[2] or 0)  # cuda:N is the N-th device this process sees
+    old = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = old.split(",") if old else [str(i) for i in range(index + 1)]
+    if index >= len(visible):
+        raise RunError(f"device {device!r}: only {len(visible)} CUDA device(s) are visible "
+                       f"(CUDA_VISIBLE_DEVICES={old!r})")
+    return "cuda", visible[index]
+
+
+def _init_worker(slots: Any, threads: int) -> None:
+    """Start-up of a local worker process: take one device slot and pin the process to it."""
+    device, visible = slots.get()
+    if visible is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible  # before CUDA starts in this process
+    _WORKER["device"] = device
+    torch.set_num_threads(threads)
+
+
+def local_executor(devices: Sequence[str], threads: int | None = None) -> cf.Executor:
+    """One long-lived worker process per entry of `devices` (spawned; a device listed twice gets
+    two workers): "cpu" workers use `threads` torch threads (default: the cores shared out), a
+    "cuda:N" worker sees only GPU N. One device: an InlineExecutor on it."""
+    if len(devices) == 1:
+        return _InlineOn(devices[0])
+    threads = threads or max(1, (os.cpu_count() or 1) // len(devices))
+    ctx = multiprocessing.get_context("spawn")
+    slots = ctx.Queue()
+    for dev in devices:
+        slots.put(_pin(dev))
+    return cf.ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_init_worker,
+                                  initargs=(slots, threads))
+
+
+class _InlineOn(InlineExecutor):
+    """InlineExecutor whose runs train on one given device."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
+        if isinstance(fn, TrainTask) and fn.device is None:
+            fn = dataclasses.replace(fn, device=self.device)
+        return super().submit(fn, *args, **kwargs)
+
+
+def default_devices() -> list[str]:
+    """Every CUDA device when there are several (one worker each), else none (this process)."""
+    n = torch.cuda.device_count()
+    return [f"cuda:{i}" for i in range(n)] if n > 1 else []
+
+
+def _error_text(err: BaseException) -> str:
+    if isinstance(err, BrokenProcessPool):
+        return ("a worker process died without a result (e.g. killed for lack of memory); run "
+                "again: finished runs are skipped, unfinished ones resume")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"
+
+
+def _outcome(job: Any, rid: str) -> RunResult:
+    try:
+        result = job.result()
+    except Exception as err:  # noqa: BLE001 - a job that died or was cancelled
+        stderr = getattr(getattr(job, "paths", None), "stderr", None)
+        text = _error_text(err) + (f" (log: {stderr})" if stderr else "")
+        return RunResult(rid, "failed", error=text, ended=time.time())
+    if not isinstance(result, RunResult):
+        raise RunError(f"run {rid}: the executor returned {type(result).__name__}, not a "
+                       "RunResult; submit kdlib.launch.TrainTask objects")
+    return dataclasses.replace(result, run_id=rid)
+
+
+def _wait_any(running: dict[Any, str], poll_s: float) -> list[Any]:
+    """The jobs among `running` that are done, waiting until there is at least one."""
+    jobs = list(running)
+    if all(isinstance(j, cf.Future) for j in jobs):
+        return list(cf.wait(jobs, return_when=cf.FIRST_COMPLETED).done)
+    while True:
+        done = [j for j in jobs if j.done()]
+        if done:
+            return done
+        time.sleep(poll_s)
+
+
+def _submit(executor: Any, tasks: list[TrainTask]) -> list[Any]:
+    """Submit tasks; a submitit executor gets them as one job array."""
+    if len(tasks) > 1 and hasattr(executor, "submit_array"):
+        return list(executor.submit_array(tasks))
+    return [executor.submit(t) for t in tasks]
+
+
+def summary(results: Mapping[str, RunResult]) -> str:
+    """One line of counts per status, then one line per failed or skipped run."""
+    counts = {s: sum(r.status == s for r in results.values())
+              for s in ("trained", "done", "failed", "skipped")}
+    lines = [", ".join(f"{n} {s}" for s, n in counts.items()) + f" (of {len(results)} runs)"]
+    lines += [f"  {r.run_id}: {r.status}: {r.error}" for r in results.values()
+              if r.status in ("failed", "skipped")]
+    return "\n".join(lines)
+
+
+def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = None,
+           devices: Sequence[str] | None = None, *, threads: int | None = None,
+           progress: bool = True, poll_s: float = 1.0, check: bool = True,
+           ) -> dict[str, RunResult]:
+    """Train every unfinished run of the plan `entries`, each as soon as its dependencies are
+    finished; returns a RunResult per run id, in plan order.
+
+    executor: anything with `submit(fn)` returning a future or a submitit job; None = a
+    `local_executor(devices)` made and shut down here (devices None: `default_devices()`; empty
+    or one device: this process). check: raise RunError with the `summary` when a run failed.
+    """
+    entries = list(entries)
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    own = executor is None
+    if own:
+        devices = default_devices() if devices is None else list(devices)
+        executor = local_executor(devices, threads) if devices else InlineExecutor()
+    inline = isinstance(executor, InlineExecutor)
+    results: dict[str, RunResult] = {}
+    waiting = {e.run_id: e for e in entries}
+    for d in {d for e in entries for d in e.depends_on} - set(waiting):  # a teacher not given
+        results[d] = RunResult(d, "done" if is_finished(runs_dir / d) else "missing")
+    running: dict[Any, str] = {}
+    bar = tqdm(total=len(entries), desc="runs", unit="run", disable=not progress)
+
+    def settle(result: RunResult) -> None:
+        results[result.run_id] = result
+        bar.update()
+        if result.status in ("failed", "skipped"):
+            bar.write(f"{result.run_id}: {result.status}: {result.error}")
+
+    try:
+        while waiting or running:
+            ready = []
+            for rid, e in list(waiting.items()):
+                bad = [d for d in e.depends_on if d in results
+                       and results[d].status in ("failed", "skipped", "missing")]
+                if bad:
+                    del waiting[rid]
+                    settle(RunResult(rid, "skipped", error=f"needs run {bad[0]}, which "
+                                     f"{WHY_NOT[results[bad[0]].status]}"))
+                elif all(d in results for d in e.depends_on):
+                    del waiting[rid]
+                    if is_finished(runs_dir / rid):
+                        settle(RunResult(rid, "done", str(runs_dir / rid)))
+                    else:
+                        ready.append(e)
+            tasks = [TrainTask(e.config.to_dict(), str(runs_dir), progress and inline,
+                               threads=threads) for e in ready]
+            try:
+                jobs = _submit(executor, tasks)
+            except BrokenProcessPool as err:
+                for e in ready:
+                    settle(RunResult(e.run_id, "failed", error=_error_text(err)))
+                continue
+            running.update(zip(jobs, (e.run_id for e in ready)))
+            if not running:
+                continue
+            for job in _wait_any(running, poll_s):
+                settle(_outcome(job, running.pop(job)))
+    except BaseException:
+        if own:
+            _stop(executor)
+        raise
+    finally:
+        bar.close()
+    if own:
+        executor.shutdown()
+    results = {e.run_id: results[e.run_id] for e in entries}  # without teachers not given
+    if check and any(r.status in ("failed", "skipped") for r in results.values()):
+        raise RunError(summary(results))
+    return results
+
+
+def _stop(executor: cf.Executor) -> None:
+    """Shut a local executor down now: queued runs cancelled, worker processes ended (a run
+    stopped mid-epoch resumes from its last checkpoint next time)."""
+    processes = list(getattr(executor, "_processes", {}).values())  # ProcessPoolExecutor's
+    executor.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        p.terminate()
+
+
+def run_configs(configs: Iterable[TrainConfig | Mapping[str, Any]], runs_dir: str | Path,
+                devices: Sequence[str] | None = None, progress: bool = True) -> list[Path]:
+    """Plan and launch `configs` locally; the finished run folders in the order given (RunError
+    listing every failure when one failed)."""
+    configs = [load_train_config(c) for c in configs]
+    results = launch(make_plan(configs), runs_dir, devices=devices, progress=progress)
+    return [Path(results[run_id(c)].path) for c in configs]

@@ -1,0 +1,292 @@
+"""kdlib.launch: the dependency-graph scheduler (ordering with a hand-driven executor, failure
+isolation), local worker processes, and submitit's DebugExecutor and LocalExecutor running a
+reduced plan of the experiment to the same run folders and metrics, including a preempted job
+requeued and a killed job resubmitted, both resuming from the run's checkpoint."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import queue
+import signal
+import threading
+import time
+from concurrent.futures.process import BrokenProcessPool
+
+import psutil
+import pytest
+import submitit
+import torch
+from helpers_train import tiny_config, tiny_train_data
+
+from kdlib import launch as L
+from kdlib.errors import RunError
+from kdlib.experiment import Experiment
+from kdlib.identity import run_id
+from kdlib.launch import RunResult, TrainTask, launch, summary
+from kdlib.plan import make_plan
+from kdlib.results import load_history, load_metrics
+from kdlib.train import TrainConfig, fit
+
+FAKE = ("data/c.h5", "runs/x/splits.csv")  # configs of the hand-driven tests: never trained
+
+
+def cfg(*data, **over) -> TrainConfig:
+    return TrainConfig.from_dict(tiny_config(*(data or FAKE), **over))
+
+
+class HandExecutor:
+    """Futures the test completes by hand; records the order in which runs are submitted."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+        self.futures: dict[str, cf.Future] = {}
+        self.cond = threading.Condition()
+
+    def submit(self, task: TrainTask) -> cf.Future:
+        rid = run_id(TrainConfig.from_dict(task.config))
+        with self.cond:
+            self.submitted.append(rid)
+            self.futures[rid] = cf.Future()
+            self.cond.notify_all()
+        return self.futures[rid]
+
+    def wait_for(self, n: int) -> list[str]:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.submitted) >= n, timeout=30), \
+                self.submitted
+            time.sleep(0.05)  # and nothing more comes
+            return list(self.submitted)
+
+    def finish(self, rid: str, status: str = "trained", error: str | None = None) -> None:
+        self.futures[rid].set_result(RunResult(rid, status, None, error))
+
+
+def in_thread(fn):
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=fn()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+@pytest.fixture
+def grid():
+    """Teachers t1, t2; their students s1, s2; a baseline b."""
+    t1, t2 = cfg(model="cnn_s"), cfg(model="cnn_m")
+    s1 = cfg(distiller="kd", teacher=run_id(t1))
+    s2 = cfg(distiller="kd", teacher=run_id(t2))
+    b = cfg(task_loss="focal")
+    runs = {"t1": t1, "t2": t2, "s1": s1, "s2": s2, "b": b}
+    return {k: (v, run_id(v)) for k, v in runs.items()}
+
+
+def test_a_student_is_submitted_as_soon_as_its_teacher_finishes(grid, tmp_path):
+    ids = {k: rid for k, (_, rid) in grid.items()}
+    plan = make_plan([grid[k][0] for k in ("s1", "s2", "t1", "t2", "b")])
+    ex = HandExecutor()
+    thread, out = in_thread(lambda: launch(plan, tmp_path, ex, progress=False, poll_s=0.01))
+    assert ex.wait_for(3) == [ids["t1"], ids["t2"], ids["b"]]  # every run without a teacher
+    ex.finish(ids["t2"])
+    # s2 goes while t1 still trains: no barrier at the end of the teachers' level
+    assert ex.wait_for(4)[3] == ids["s2"] and not ex.futures[ids["t1"]].done()
+    ex.finish(ids["s2"])
+    ex.finish(ids["t1"])
+    assert ex.wait_for(5)[4] == ids["s1"]
+    ex.finish(ids["s1"])
+    ex.finish(ids["b"])
+    thread.join(30)
+    assert list(out["result"]) == [e.run_id for e in plan]
+    assert {r.status for r in out["result"].values()} == {"trained"}
+
+
+def test_a_failure_skips_its_dependents_only(grid, tmp_path):
+    ids = {k: rid for k, (_, rid) in grid.items()}
+    (tmp_path / ids["b"]).mkdir()
+    (tmp_path / ids["b"] / "metrics.json").write_text("{}")  # finished before: not submitted
+    plan = make_plan([grid[k][0] for k in ("t1", "t2", "s1", "s2", "b")])
+    ex = HandExecutor()
+    thread, out = in_thread(lambda: launch(plan, tmp_path, ex, progress=False, poll_s=0.01,
+                                           check=False))
+    assert ex.wait_for(2) == [ids["t1"], ids["t2"]]
+    ex.futures[ids["t1"]].set_exception(RuntimeError("CUDA out of memory.\nTried 2 GiB"))
+    ex.finish(ids["t2"])
+    assert ex.wait_for(3)[2] == ids["s2"]
+    ex.finish(ids["s2"], "failed", "RunError: the loss became nan")
+    thread.join(30)
+    res = out["result"]
+    assert {k: res[rid].status for k, rid in ids.items()} == {
+        "t1": "failed", "t2": "trained", "s1": "skipped", "s2": "failed", "b": "done"}
+    assert res[ids["t1"]].error == "RuntimeError: Tried 2 GiB"
+    assert res[ids["s1"]].error == f"needs run {ids['t1']}, which failed"
+    ex.futures.clear()
+    for k in ("t2", "s2"):
+        (tmp_path / ids[k]).mkdir()
+        (tmp_path / ids[k] / "metrics.json").write_text("{}")
+    again = launch(plan[3:], tmp_path, ex, progress=False, check=False)  # s1, s2 without teachers
+    assert [r.status for r in again.values()] == ["skipped", "done"] and not ex.futures
+    assert again[ids["s1"]].error == f"needs run {ids['t1']}, which is neither in this launch nor " \
+        "finished"
+    text = summary(res)
+    assert text.splitlines()[0] == "1 trained, 1 done, 2 failed, 1 skipped (of 5 runs)"
+    assert f"  {ids['s2']}: failed: RunError: the loss became nan" in text
+    with pytest.raises(RunError) as err:  # check=True: the same summary as the error
+        launch(plan, tmp_path, FailingExecutor(), progress=False)
+    assert "0 trained, 3 done, 1 failed, 1 skipped" in str(err.value)  # t2, s2, b finished
+
+
+class FailingExecutor:
+    """An executor whose worker processes are gone."""
+
+    def submit(self, task):
+        raise BrokenProcessPool("gone")
+
+
+def test_a_dead_worker_pool_fails_the_runs_with_advice(grid, tmp_path):
+    plan = make_plan([grid["t1"][0], grid["s1"][0]])
+    res = launch(plan, tmp_path, FailingExecutor(), progress=False, check=False)
+    assert [r.status for r in res.values()] == ["failed", "skipped"]
+    assert "worker process died" in res[plan[0].run_id].error
+    future = cf.Future()
+    future.set_exception(BrokenProcessPool("x"))
+    assert "run again: finished runs are skipped" in L._outcome(future, "r").error
+
+
+def test_train_task_reports_an_exception_as_the_runs_failure(tmp_path):
+    bad = cfg(tmp_path / "missing.h5", tmp_path / "splits.csv")
+    result = TrainTask(bad.to_dict(), str(tmp_path))()
+    assert result.status == "failed" and result.run_id == run_id(bad)
+    assert result.error.startswith("DataError: cache=") and "missing.h5" in result.error
+    assert result.worker.endswith(f":{os.getpid()}") and result.ended >= result.started
+    wrong = TrainTask({**bad.to_dict(), "epochs": 0}, str(tmp_path))()
+    assert wrong.status == "failed" and "epochs=0" in wrong.error
+
+
+def test_devices_are_pinned_one_per_worker(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert L._pin("cpu") == ("cpu", None)
+    assert L._pin("cuda") == ("cuda", "0") and L._pin("cuda:2") == ("cuda", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert L._pin("cuda:1") == ("cuda", "6")  # the second device this process sees
+    with pytest.raises(RunError, match=r"'cuda:2': only 2 CUDA device\(s\) are visible"):
+        L._pin("cuda:2")
+    slots = queue.Queue()
+    slots.put(("cuda", "6"))
+    threads = torch.get_num_threads()
+    try:
+        L._init_worker(slots, threads)  # what a worker process runs at its start
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "6" and L._WORKER["device"] == "cuda"
+    finally:
+        L._WORKER["device"] = None
+    assert isinstance(L.local_executor(["cuda:0"]), L.InlineExecutor)  # one device: in-process
+    if torch.cuda.device_count() < 2:
+        assert L.default_devices() == []
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny data, a reduced plan of the experiment (a teacher, the student's CE baseline and its
+    KD run, fold 0), and that plan trained by the launcher in this process (the reference)."""
+    root = tmp_path_factory.mktemp("launch")
+    cache, splits = tiny_train_data(root)
+    exp = Experiment(modalities=("flair", "t1"), folds=(0,), ratios=(None,), epochs=2,
+                     batch_size=8, teacher="cnn_s", student="cnn_xs", baseline_losses=("ce",),
+                     distillers=("kd",), kd_task_losses=(), kd_original=False, grid_teachers=())
+    plan = make_plan(exp.configs(str(cache), str(splits), [0, 1]))
+    res = launch(plan, root / "inline", progress=False, threads=1)
+    return {"root": root, "data": (cache, splits), "plan": plan, "reference": res}
+
+
+def same_runs(a: dict[str, RunResult], b: dict[str, RunResult]) -> None:
+    assert list(a) == list(b)
+    for rid, ours in a.items():
+        assert ours.status == b[rid].status == "trained"
+        assert load_metrics(ours.path) == load_metrics(b[rid].path), rid
+
+
+def test_local_worker_processes_match_this_process(tiny, tmp_path):
+    res = launch(tiny["plan"], tmp_path, devices=["cpu", "cpu"], threads=1, progress=False)
+    same_runs(res, tiny["reference"])
+    workers = {r.worker for r in res.values()}
+    assert len(workers) <= 2 and f":{os.getpid()}" not in " ".join(workers)  # 3 runs, 2 workers
+    assert {r.worker for r in tiny["reference"].values()} == {next(iter(
+        tiny["reference"].values())).worker}  # inline: all in this process
+    again = launch(tiny["plan"], tmp_path, devices=["cpu", "cpu"], progress=False)
+    assert {r.status for r in again.values()} == {"done"}
+
+
+def test_submitit_debug_executor_gives_the_same_runs(tiny, tmp_path):
+    ex = submitit.DebugExecutor(tmp_path / "submitit")
+    res = launch(tiny["plan"], tmp_path / "runs", ex, threads=1, progress=False, poll_s=0.01)
+    same_runs(res, tiny["reference"])
+
+
+@pytest.mark.slow
+def test_submitit_local_executor_gives_the_same_runs(tiny, tmp_path):
+    ex = submitit.LocalExecutor(tmp_path / "submitit")
+    ex.update_parameters(timeout_min=30)
+    res = launch(tiny["plan"], tmp_path / "runs", ex, threads=1, progress=False, poll_s=0.2)
+    same_runs(res, tiny["reference"])
+    assert all(r.worker.split(":")[1] != str(os.getpid()) for r in res.values())
+
+
+@pytest.fixture(scope="module")
+def long_run(tiny):
+    """A run long enough to be stopped mid-way, and its straight (uninterrupted) result."""
+    config = TrainConfig.from_dict(tiny_config(*tiny["data"], epochs=40))
+    torch.set_num_threads(1)
+    return config, fit(config, tiny["root"] / "straight", progress=False)
+
+
+def _started(job, ckpt, timeout=600) -> list[dict]:
+    """Wait for the job's first epoch checkpoint; the history it holds."""
+    deadline = time.monotonic() + timeout
+    while not ckpt.is_file():
+        assert time.monotonic() < deadline and not job.done(), job.stderr()
+        time.sleep(0.02)
+    return torch.load(ckpt, weights_only=True)["state"]["history"]
+
+
+def _resumed(final, early, straight) -> None:
+    """The run finished with the straight run's numbers, and kept the epochs trained before it
+    was stopped (their measured times included: it resumed rather than restarted)."""
+    assert 1 <= len(early) < 40
+    hist = load_history(final)
+    assert hist["time_s"].tolist()[:len(early)] == [row["time_s"] for row in early]
+    assert load_metrics(final) == load_metrics(straight)
+    assert hist.drop(columns="time_s").equals(load_history(straight).drop(columns="time_s"))
+
+
+@pytest.mark.slow
+def test_a_preempted_submitit_job_is_requeued_and_resumes(long_run, tmp_path):
+    config, straight = long_run
+    runs = tmp_path / "runs"
+    ex = submitit.LocalExecutor(tmp_path / "submitit")
+    ex.update_parameters(timeout_min=30)
+    job = ex.submit(TrainTask(config.to_dict(), str(runs), threads=1))
+    early = _started(job, runs / f".tmp-{run_id(config)}" / "checkpoint.pt")
+    task = psutil.Process(job._process.pid).children()[0]  # the job's Python process
+    task.send_signal(signal.SIGUSR2)  # how Slurm (and submitit) announce preemption
+    result = job.result()
+    assert result.status == "trained", result.error
+    assert "Requeued job" in job.stderr() or "Requeued job" in job.stdout()
+    _resumed(runs / run_id(config), early, straight)
+
+
+@pytest.mark.slow
+def test_a_killed_job_resubmitted_resumes(long_run, tmp_path):
+    config, straight = long_run
+    runs = tmp_path / "runs"
+    ex = submitit.LocalExecutor(tmp_path / "submitit")
+    ex.update_parameters(timeout_min=30)
+    job = ex.submit(TrainTask(config.to_dict(), str(runs), threads=1))
+    tmp = runs / f".tmp-{run_id(config)}"
+    early = _started(job, tmp / "checkpoint.pt")
+    job.cancel()  # interrupts the job: its process is stopped mid-run
+    deadline = time.monotonic() + 120
+    while not job.done():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert (tmp / "checkpoint.pt").is_file() and not (runs / run_id(config)).exists()
+    res = launch(make_plan([config]), runs, ex, threads=1, progress=False, poll_s=0.2)
+    assert res[run_id(config)].status == "trained"
+    _resumed(runs / run_id(config), early, straight)
