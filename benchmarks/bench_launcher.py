@@ -5,10 +5,10 @@ finished), on the same kind of local worker processes. Prints, for each, the wal
 idle worker-seconds (workers x wall time minus the time the workers spent in runs: start-up,
 and the waits the level barrier adds).
 
-    python benchmarks/bench_launcher.py [--profile smoke] [--workers 2] [--epochs 3] [--folds 3]
+    python benchmarks/bench_launcher.py [--profile smoke] [--workers 2] [--folds 3] [-p epochs=3]
 
-The data is a small synthetic dataset written under a temporary KDLIB_HOME (the profile's
-experiment, with --epochs and --folds overriding it). Measure on a quiet machine: other load
+The data is a small synthetic dataset written under a temporary KDLIB_HOME; the plan is the
+profile's experiment (with `-p` overrides of its settings) on --folds cross-validation folds. Measure on a quiet machine: other load
 stretches both wall times and hides the difference.
 """
 
@@ -18,11 +18,13 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from kdlib.experiment import Experiment
 from kdlib.launch import RunResult, TrainTask, launch, local_executor
 from kdlib.plan import PlanEntry, make_plan, plan_levels
+from kdlib.profiles import parse_overrides
 from kdlib.workbook import build_cache, build_splits, data_settings, get_dataset, split_folds
 
 
@@ -52,7 +54,8 @@ def by_graph(entries: list[PlanEntry], runs_dir: Path, workers: int) -> dict[str
         executor.shutdown()
 
 
-def measure(name: str, fn, entries: list[PlanEntry], runs_dir: Path, workers: int) -> float:
+def measure(name: str, fn: Callable[[list[PlanEntry], Path, int], dict[str, RunResult]],
+            entries: list[PlanEntry], runs_dir: Path, workers: int) -> float:
     """Run `fn` and print its wall time, the time spent in runs and the idle worker-seconds."""
     start = time.time()
     results = fn(entries, runs_dir, workers)
@@ -68,7 +71,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", default="smoke", help="whose experiment (default smoke)")
     p.add_argument("--workers", type=int, default=2, help="CPU worker processes (default 2)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: profile's)")
+    p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE",
+                   help="override an experiment setting, e.g. -p epochs=1 -p 'ratios=[4]'")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds (default 3)")
     p.add_argument("--subjects", type=int, default=12, help="synthetic subjects per grade")
     args = p.parse_args()
@@ -78,8 +82,7 @@ def main() -> None:
                                       "shape": (64, 64, 40)}, progress=False)
         build_cache("bench", {"image_size": 32}, progress=False)
         build_splits("bench", {"k_folds": args.folds})
-        overrides = {} if args.epochs is None else {"epochs": args.epochs}
-        exp = Experiment.from_profile(args.profile, overrides)
+        exp = Experiment.from_profile(args.profile, parse_overrides(args.param))
         entries = make_plan(exp.configs(**data_settings("bench"), **split_folds("bench")))
         levels = [len(r) for r in plan_levels(entries)]
         print(f"plan: {len(entries)} runs ({' then '.join(map(str, levels))} by level), "

@@ -5,28 +5,34 @@ kdlib.sizing gives the design's power, kdlib.answers turns the tables into the a
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from kdlib import CLASSES, MINORITY, criterion
+from kdlib.bootstrap import RunCounts, patient_bootstrap, run_counts
 from kdlib.data.splits import design_of, load_splits
 from kdlib.errors import DataError
 from kdlib.experiment import Experiment
 from kdlib.hypotheses import Family, cell_arms, cell_family, effect_table, family, gain_correlation
-from kdlib.metrics import run_metrics
+from kdlib.metrics import check_predictions, run_metrics
 from kdlib.paths import resolve
 from kdlib.predictions import class_probabilities
 from kdlib.results import load_predictions
-from kdlib.stats import bootstrap_fold_mean, summarize_runs
+from kdlib.stats import check_boot_settings, check_metrics, check_same_test_set, summarize_runs
 
 Q_METRICS: tuple[str, ...] = (f"f1_{MINORITY}", f"recall_{MINORITY}", f"precision_{MINORITY}",
                               "macro_f1", "balanced_accuracy", "patient_balanced_accuracy")
 """The metrics both questions are judged on (minority F1 first)."""
+
+PER_CLASS_F1: tuple[str, ...] = tuple(f"f1_{c}" for c in CLASSES)
+"""F1 of each class (the per-class figure)."""
 
 BASELINE = "ce"
 POSTHOC = "ce+posthoc"
@@ -125,6 +131,25 @@ def summary_table(runs: pd.DataFrame, metrics: Sequence[str] = Q_METRICS,
     return s
 
 
+@functools.lru_cache(maxsize=4096)
+def _counts(path: str, tau: float | None, class_counts: tuple, stamp: tuple) -> RunCounts:
+    """The bootstrap's per-patient sums of one run's (post-hoc adjusted) predictions; `stamp`
+    (size and mtime of predictions.csv) makes a rewritten file a new entry."""
+    pred = load_predictions(path)
+    if tau is not None:
+        pred = posthoc_predictions(pred, class_counts, tau)
+    return run_counts(check_predictions(pred, f"{path}/predictions.csv"))
+
+
+def run_counts_of(row: pd.Series) -> RunCounts:
+    """kdlib.bootstrap.RunCounts of a run-table row (as run_predictions), computed once per file."""
+    tau = row.get("derived_posthoc_tau")
+    tau = None if tau is None or pd.isna(tau) else float(tau)
+    counts = tuple(int(row[f"train_n_{c}"]) for c in CLASSES) if tau is not None else ()
+    st = (Path(row["path"]) / "predictions.csv").stat()
+    return _counts(str(row["path"]), tau, counts, (st.st_size, st.st_mtime_ns))
+
+
 def _tests_per_fold(runs: pd.DataFrame) -> bool:
     """True when the runs' splits are of design "cv" (each fold tests other subjects)."""
     if "splits" not in runs.columns or runs.empty:
@@ -132,15 +157,15 @@ def _tests_per_fold(runs: pd.DataFrame) -> bool:
     return design_of(load_splits(resolve(runs["splits"].iloc[0]))) == "cv"
 
 
-def _pool_folds(runs: pd.DataFrame, preds: dict[str, pd.DataFrame],
-                keys: list[str]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+def _pool_folds(runs: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, dict[str, RunCounts]]:
     """Design "cv": the k folds of a repeat test every subject once, so the fold predictions of each
     split (keys without fold, plus repeat) pool into one out-of-fold table on a shared test set."""
     keys = [k for k in dict.fromkeys([*keys, "repeat"]) if k != "fold" and k in runs.columns]
     rows, pooled = [], {}
     for key, grp in runs.groupby(keys, dropna=False, sort=False):
         rid = "+".join(grp["run_id"])
-        pooled[rid] = pd.concat([preds[r] for r in grp["run_id"]], ignore_index=True)
+        pred = pd.concat([run_predictions(row) for _, row in grp.iterrows()], ignore_index=True)
+        pooled[rid] = run_counts(check_predictions(pred, f"the pooled folds {rid}"))
         rows.append({**dict(zip(keys, key)), "run_id": rid})
     return pd.DataFrame(rows), pooled
 
@@ -152,35 +177,60 @@ def bootstrap_table(runs: pd.DataFrame, metrics: Sequence[str] = Q_METRICS,
     """Per group: the fold-mean of each metric with a patient-bootstrap CI, and its difference to
     the CE baseline of the same folds with a paired patient-bootstrap CI (estimate/low/high and
     diff/diff_low/diff_high). With "cv" splits the folds of each repeat are first pooled into
-    out-of-fold predictions (every subject once), the mean then runs over repeats and seeds."""
-    preds = {row["run_id"]: run_predictions(row) for _, row in runs.iterrows()}
+    out-of-fold predictions (every subject once), the mean then runs over repeats and seeds. One
+    pass over all groups: runs on the same test set share every draw; different test sets are
+    resampled independently."""
+    check_boot_settings(n_boot)
+    metrics = list(dict.fromkeys(check_metrics(metrics)))  # each metric once
     if "fold" in pair_on and _tests_per_fold(runs):
-        runs, preds = _pool_folds(runs, preds, [*by, "method", *pair_on])
+        runs, counts = _pool_folds(runs, [*by, "method", *pair_on])
         pair_on = [c for c in dict.fromkeys([*pair_on, "repeat"])
                    if c != "fold" and c in runs.columns]
+    else:
+        counts = {row["run_id"]: run_counts_of(row) for _, row in runs.iterrows()}
+    _check_same_slices(runs, counts)
+    ids = list(dict.fromkeys(runs["run_id"]))
+    at = {r: i for i, r in enumerate(ids)}
     base = runs[runs["method"] == BASELINE].set_index(list(pair_on))
-    rows = []
+    groups, estimands = [], []
     for key, grp in runs.groupby(list(by), dropna=False, sort=False):
-        key = key if isinstance(key, tuple) else (key,)
-        ours = [preds[r] for r in grp["run_id"]]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            level = bootstrap_fold_mean(ours, None, metrics, n_boot, seed=seed)
-            matched = [base.loc[tuple(k)]["run_id"] for k in grp[list(pair_on)].itertuples(index=False)
-                       if tuple(k) in base.index]
-            diff = None
-            if len(matched) == len(grp) and grp["method"].iloc[0] != BASELINE:
-                diff = bootstrap_fold_mean(ours, [preds[r] for r in matched], metrics, n_boot,
-                                           seed=seed).set_index("metric")
-        for _, lv in level.iterrows():
-            d = diff.loc[lv["metric"]] if diff is not None else None
-            rows.append({**dict(zip(by, key)), "metric": lv["metric"], "estimate": lv["estimate"],
+        ours = [at[r] for r in grp["run_id"]]
+        matched = [base.loc[tuple(k)]["run_id"] for k in grp[list(pair_on)].itertuples(index=False)
+                   if tuple(k) in base.index]
+        has_diff = len(matched) == len(grp) and grp["method"].iloc[0] != BASELINE
+        groups.append((key if isinstance(key, tuple) else (key,), len(ours), has_diff))
+        estimands.append((ours, []))
+        if has_diff:
+            estimands.append((ours, [at[r] for r in matched]))
+    out = patient_bootstrap([counts[r] for r in ids], estimands, metrics, n_boot, seed=seed)
+    parts = iter([part.set_index("metric") for _, part in out.groupby("estimand", sort=True)])
+    rows = []
+    for key, n_runs, has_diff in groups:
+        level = next(parts)
+        gain = next(parts) if has_diff else None
+        for m, lv in level.iterrows():
+            d = gain.loc[m] if gain is not None else None
+            rows.append({**dict(zip(by, key)), "metric": m, "estimate": lv["estimate"],
                          "low": lv["low"], "high": lv["high"],
                          "diff": np.nan if d is None else d["estimate"],
                          "diff_low": np.nan if d is None else d["low"],
                          "diff_high": np.nan if d is None else d["high"],
-                         "n_runs": len(grp), "n_patients": lv["n_patients"]})
+                         "n_runs": n_runs, "n_patients": lv["n_patients"]})
     return pd.DataFrame(rows)
+
+
+def _check_same_slices(runs: pd.DataFrame, counts: dict[str, RunCounts]) -> None:
+    """DataError (naming the runs) when two runs on the same test patients were not tested on
+    the same slices with the same labels."""
+    first: dict[tuple, str] = {}
+    for rid, c in counts.items():
+        other = first.setdefault(tuple(c.subjects), rid)
+        if other != rid and not np.array_equal(c.keys, counts[other].keys):
+            a, b = (runs[runs["run_id"] == r].iloc[0] for r in (other, rid))
+            if "path" in runs.columns:
+                check_same_test_set(run_predictions(a), run_predictions(b), (other, rid))
+            raise DataError(f"runs {other} and {rid} were tested on the same patients but not on "
+                            "the same slices with the same labels (different caches?)")
 
 
 def teacher_scores(runs: pd.DataFrame, exp: Experiment, metric: str = f"f1_{MINORITY}"

@@ -4,7 +4,9 @@ run folders and a tiny trained run set."""
 
 from __future__ import annotations
 
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -280,6 +282,64 @@ def test_bootstrap_table_estimates_are_fold_means(fake_runs):
     assert kd_nat["diff"].iloc[0] > 0  # the more skilful runs win
     again = A.bootstrap_table(fake_runs, metrics=metrics, n_boot=40, seed=0)
     pd.testing.assert_frame_equal(boot, again)
+
+
+def test_bootstrap_table_is_one_fold_mean_bootstrap_per_group(fake_runs, monkeypatch, tmp_path):
+    from kdlib.stats import bootstrap_fold_mean
+
+    fake_runs = fake_runs.assign(path=[shutil.copytree(p, tmp_path / Path(p).name)
+                                       for p in fake_runs["path"]])  # files not read before
+    reads = []
+    real = A.load_predictions
+    monkeypatch.setattr(A, "load_predictions", lambda path: reads.append(path) or real(path))
+    metrics = ["f1_LGG", "ece", "patient_recall_LGG"]
+    boot = A.bootstrap_table(fake_runs, metrics=metrics + ["f1_LGG"], n_boot=60, seed=2)
+    assert len(reads) == len(fake_runs)  # each run's predictions read once
+    assert A.bootstrap_table(fake_runs, metrics=metrics, n_boot=60, seed=2).equals(boot)
+    assert len(reads) == len(fake_runs)  # and not again for the second table
+    preds = {r["run_id"]: load_predictions(r["path"]) for _, r in fake_runs.iterrows()}
+    natural = fake_runs[fake_runs["ratio"].isna()]
+    kd, ce = (natural[natural["method"] == m].sort_values("fold")["run_id"] for m in ("kd", "ce"))
+    level = quiet(bootstrap_fold_mean, [preds[r] for r in kd], None, metrics, 60, seed=2)
+    diff = quiet(bootstrap_fold_mean, [preds[r] for r in kd], [preds[r] for r in ce], metrics, 60,
+                 seed=2)
+    got = boot[(boot["method"] == "kd") & boot["ratio"].isna()].set_index("metric")
+    assert list(got.index) == metrics  # the repeated metric is bootstrapped once
+    for m in metrics:
+        lv, d = level.set_index("metric").loc[m], diff.set_index("metric").loc[m]
+        assert got.loc[m, ["estimate", "low", "high"]].tolist() == pytest.approx(
+            [lv["estimate"], lv["low"], lv["high"]], abs=1e-12)
+        assert got.loc[m, ["diff", "diff_low", "diff_high"]].tolist() == pytest.approx(
+            [d["estimate"], d["low"], d["high"]], abs=1e-12)
+
+
+def test_bootstrap_table_resamples_each_outer_fold_on_its_own(tmp_path):
+    rows = []  # cross-validation: each fold tests other subjects (renamed S -> F<fold>)
+    for fold in range(2):
+        for method, skill in (("ce", 0.8), ("kd", 1.4)):
+            folder = tmp_path / f"{method}-{fold}"
+            folder.mkdir()
+            pred = synthetic_predictions(8 + 2 * fold, 6, skill=skill, seed=10 * fold + len(rows))
+            pred["subject_id"] = pred["subject_id"].str.replace("S", f"F{fold}-")
+            pred.to_csv(folder / "predictions.csv", index=False)
+            rows.append({"run_id": folder.name, "method": method, "fold": fold, "ratio": 4.0,
+                         "seed": 0, "path": str(folder)})
+    runs = pd.DataFrame(rows)
+    boot = A.bootstrap_table(runs, metrics=["macro_f1"], n_boot=200, seed=1).set_index("method")
+    per_run = {r["run_id"]: quiet(run_metrics, load_predictions(r["path"]))["macro_f1"]
+               for r in rows}
+    kd = (per_run["kd-0"] + per_run["kd-1"]) / 2
+    assert boot.loc["kd", "estimate"] == pytest.approx(kd)
+    assert boot.loc["kd", "diff"] == pytest.approx(kd - (per_run["ce-0"] + per_run["ce-1"]) / 2)
+    assert boot.loc["kd", "n_patients"] == 8 + 10  # both folds' test subjects
+    assert boot.loc["kd", "low"] < kd < boot.loc["kd", "high"]
+    assert boot.loc["kd", "diff_low"] < boot.loc["kd", "diff"] < boot.loc["kd", "diff_high"]
+    wrong = tmp_path / "ce-0" / "predictions.csv"  # the same subjects with another label
+    pred = pd.read_csv(wrong)
+    pred.loc[0, "label"] = "LGG" if pred.loc[0, "label"] != "LGG" else "HGG"
+    pred.to_csv(wrong, index=False)
+    with pytest.raises(DataError, match="ce-0 and kd-0|kd-0 and ce-0"):
+        A.bootstrap_table(runs, metrics=["macro_f1"], n_boot=10)
 
 
 def test_bootstrap_table_pools_the_folds_of_cv_splits(tmp_path):
