@@ -44,7 +44,8 @@ def main() -> None:
     ap.add_argument("--holdout-k", type=int, default=5)
     ap.add_argument("--holdout-repeats", type=int, default=2)
     ap.add_argument("--designs", default="cv,holdout", help="experiments to run: cv, holdout")
-    ap.add_argument("--n-boot", type=int, default=200, help="patient-bootstrap draws (holdout)")
+    ap.add_argument("--n-boot", type=int, default=100,
+                    help="patient-bootstrap draws (holdout; the combined interval uses their SE)")
     ap.add_argument("--rope", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--csv", default=None, help="write the per-replicate outcomes here")

@@ -104,8 +104,8 @@ def split_differences(runs: pd.DataFrame, method: str | Mapping, baseline: str |
     out["method_value"], out["baseline_value"] = m["value"], m["value_b"]
     out["diff"] = m["value"] - m["value_b"]
     out["n_seeds"], out["n_seeds_baseline"] = m["n_seeds"], m["n_seeds_b"]
-    out["seed_var"] = _seed_var(ours, base, m, metric, pair_on) if "seed" in runs.columns \
-        else np.nan
+    several = "seed" in runs.columns and bool((m["n_seeds"] > 1).any())
+    out["seed_var"] = _seed_var(ours, base, m, metric, pair_on) if several else np.nan
     out["test_train_ratio"] = (m["ttr"] * m["n_seeds"] + m["ttr_b"] * m["n_seeds_b"]) / (
         m["n_seeds"] + m["n_seeds_b"])
     bad = out["diff"].isna()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from kdlib import MODALITIES, criterion, models
+from kdlib import MINORITY, MODALITIES, criterion, models
 from kdlib.config import check_choice, check_range, from_dict, to_dict
 from kdlib.errors import ConfigError, DataError
 from kdlib.grid import expand_grid
@@ -32,13 +32,21 @@ SETTING_TYPES = {
     "patience": "Optional[int]", "teacher": "str", "teacher_loss": "str", "student": "str",
     **{name: "list[str]" for name in NAME_LISTS}, "kd_original": "bool",
     "grid_distiller": "str", "cache_teacher_logits": "bool",
+    "primary_metric": "str", "rope": "float", "guard_metric": "str",
 }
 """The type of each setting whose type __post_init__ does not check otherwise (ratios are
 checked as numbers or null)."""
+ANALYSIS_SETTINGS = ("primary_metric", "primary_baselines", "primary_ratios", "rope",
+                     "guard_metric")
+"""Settings of the analysis only: changing them changes no run, so a plan stays valid."""
 
 
 def _tuple(value: Any) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def _ratio_key(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _is(value: Any, kind: str) -> bool:
@@ -68,6 +76,12 @@ class Experiment:
     `grid_teachers`, at `grid_ratio`. Teachers are trained with `teacher_loss` on the same repeat, fold, ratio and seed
     as their students. Where the runs train (device, workers) is no part of the experiment: the
     launcher decides it.
+
+    The primary family of question 1 (Holm within it, everything else exploratory): each
+    distillation method against each of `primary_baselines` (null: ce and logit_adjusted) on
+    `primary_metric` at `primary_ratios` (null: the natural or least imbalanced ratio and the
+    strongest), with the Bayesian test's region of practical equivalence +-`rope` and the guard
+    `guard_metric`, non-inferior within `rope`.
     """
 
     modalities: tuple[str, ...] = MODALITIES
@@ -92,6 +106,11 @@ class Experiment:
     grid_students: tuple[str, ...] = ("cnn_xs", "cnn_s")
     grid_ratio: float | None = 4.0
     grid_distiller: str = "kd"
+    primary_metric: str = f"f1_{MINORITY}"
+    primary_baselines: tuple[str, ...] | None = None
+    primary_ratios: tuple[float | None, ...] | None = None
+    rope: float = 0.02
+    guard_metric: str = "macro_f1"
     cache_teacher_logits: bool = False
 
     def __post_init__(self) -> None:
@@ -112,6 +131,7 @@ class Experiment:
                                   "natural ratio")
             if r is not None:
                 check_range("ratio", float(r), 1.0)
+        self._check_primary()
         check_choice("weights", self.weights, (None, "imagenet"))
         check_range("epochs", self.epochs, 1)
         check_range("batch_size", self.batch_size, 2)
@@ -147,11 +167,69 @@ class Experiment:
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (what a profile's `experiment:` section and the manifest hold)."""
         return to_dict(self)
+
     @property
     def strongest_ratio(self) -> float | None:
         """The most imbalanced training ratio of question 1 (None when only the natural one)."""
         given = [float(r) for r in self.ratios if r is not None]
         return max(given) if given else None
+
+    def _check_primary(self) -> None:
+        """Validate the declared primary family (question 1's confirmatory hypotheses)."""
+        for name in ("primary_metric", "guard_metric"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a metric name, e.g. "
+                                  f"'f1_{MINORITY}' or 'macro_f1'")
+        if self.primary_baselines is not None:
+            base = _tuple(self.primary_baselines)
+            known = [*self.baseline_losses, "ce+posthoc"]
+            if not base or any(b not in known for b in base):
+                raise ConfigError(f"primary_baselines={list(base)} must name one or more of "
+                                  f"baseline_losses or ce+posthoc: {known} (null: ce and "
+                                  "logit_adjusted)")
+            object.__setattr__(self, "primary_baselines", base)
+        if self.primary_ratios is not None:
+            ratios = _tuple(self.primary_ratios)
+            keys = {_ratio_key(r) for r in self.ratios}
+            bad = [r for r in ratios if r is not None and (
+                isinstance(r, bool) or not isinstance(r, (int, float))
+                or float(r) not in keys)]
+            bad += [None] if None in ratios and None not in keys else []
+            if not ratios or bad:
+                raise ConfigError(f"primary_ratios={list(ratios)} must list ratios of `ratios` "
+                                  f"({list(self.ratios)}; null = natural), or be null for the "
+                                  "natural (or least imbalanced) and the strongest ratio")
+            object.__setattr__(self, "primary_ratios", ratios)
+        if isinstance(self.rope, bool) or not isinstance(self.rope, (int, float)) \
+                or not 0 <= self.rope < 1:
+            raise ConfigError(f"rope={self.rope!r} must be a number in [0, 1): the half-width of "
+                              "the region of practical equivalence in the metric's units (e.g. "
+                              "0.02)")
+
+    @property
+    def distilled_methods(self) -> tuple[str, ...]:
+        """Question 1's distillation methods as the run table names them: each distiller, kd on
+        each imbalance-aware loss (kd+<loss>) and kd_original."""
+        return (*self.distillers, *(f"kd+{loss}" for loss in self.kd_task_losses),
+                *(("kd_original",) if self.kd_original else ()))
+
+    @property
+    def family_baselines(self) -> tuple[str, ...]:
+        """The primary family's baselines: `primary_baselines`, or by default CE and logit
+        adjustment (the latter when it is one of `baseline_losses`)."""
+        if self.primary_baselines is not None:
+            return self.primary_baselines
+        return tuple(b for b in ("ce", "logit_adjusted") if b in self.baseline_losses)
+
+    @property
+    def family_ratios(self) -> tuple[float | None, ...]:
+        """The primary family's ratios: `primary_ratios`, or by default the natural ratio (else
+        the least imbalanced one) and the strongest imbalance."""
+        if self.primary_ratios is not None:
+            return self.primary_ratios
+        given = sorted(float(r) for r in self.ratios if r is not None)
+        first = None if None in self.ratios or not given else given[0]
+        return tuple(dict.fromkeys([first, self.strongest_ratio]))
 
     def configs(self, cache: str, splits: str, folds: list[int],
                 repeats: list[int] | tuple[int, ...] = (0,)) -> list[TrainConfig]:
@@ -236,7 +314,8 @@ def plan_path(profile: str) -> Path:
 
 
 def _plan_source(exp: Experiment, data: Mapping[str, str]) -> dict[str, Any]:
-    return {"experiment": exp.to_dict(), "cache": portable_path(data["cache"]),
+    trained = {k: v for k, v in exp.to_dict().items() if k not in ANALYSIS_SETTINGS}
+    return {"experiment": trained, "cache": portable_path(data["cache"]),
             "splits": portable_path(data["splits"])}
 
 

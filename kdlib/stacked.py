@@ -6,8 +6,8 @@ stopping. `fit_group` trains them in one process: each augmented batch is made o
 teacher's forward runs once per batch for all its students, and the students' forward/backward is
 one `torch.func.vmap` over their stacked parameters on a GPU (kdlib.stack; on the CPU the students
 run one after the other on the shared batch, since oneDNN's grouped convolutions are slower than
-separate ones). Each run keeps its own criterion, AdamW and schedule (the objects `kdlib.train.fit`
-builds), early stopping, best epoch, checkpoint and run folder, and ends with the numbers `fit`
+separate ones). Each run keeps its own criterion, AdamW, schedule and gradient scaler (as
+`kdlib.train.fit` builds them), early stopping, best epoch, checkpoint and run folder, and ends with the numbers `fit`
 gives (bit for bit on the CPU, up to float rounding when vectorised). `group_configs` partitions
 a plan into such groups.
 """
@@ -179,9 +179,9 @@ class _Member:
 
 def fit_group(cfgs: Sequence[TrainConfig | dict | str | Path], runs_dir: str | Path,
               progress: bool = True, vectorise: bool | None = None) -> list[Path]:
-    """Train runs that share GROUP_SETTINGS together (one stacked forward/backward per batch) and
-    return their finished folders, in the order of `cfgs`; finished runs are skipped,
-    interrupted ones resume from their checkpoints (written in `fit`'s format).
+    """Train runs that share GROUP_SETTINGS together (one augmented batch and one teacher pass per
+    step for all) and return their finished folders, in the order of `cfgs`; finished runs are
+    skipped, interrupted ones resume from their checkpoints (written in `fit`'s format).
 
     ConfigError when the runs cannot share a group (see `group_configs`); RunError naming the runs
     whose loss became non-finite, after the others are finished. vectorise: one vmapped

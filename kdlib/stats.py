@@ -3,7 +3,8 @@
 Two sources of noise, two tools:
 - test-set sampling (which patients happen to be in the test set): `bootstrap_metrics` and the
   paired `bootstrap_difference` resample PATIENTS with replacement (slices of one patient are
-  correlated, so resampling slices would give too narrow intervals);
+  correlated, so resampling slices would give too narrow intervals); kdlib.bootstrap computes
+  every draw at once and takes the intervals from scipy.stats.bootstrap;
 - training variability (fold, subsample, seed): `compare_to_baseline` pairs runs of a method with
   the baseline run of the same fold/ratio/seed and tests the differences with the corrected
   resampled t-test (Nadeau & Bengio, Machine Learning 2003) and the Wilcoxon signed-rank test
@@ -13,26 +14,23 @@ Two sources of noise, two tools:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
-from scipy.special import ndtr, ndtri
 
+from kdlib.bootstrap import RunCounts, patient_bootstrap, run_counts
 from kdlib.errors import ConfigError, DataError
-from kdlib.metrics import (
-    arrays,
-    check_predictions,
-    patient_predictions,
-    patient_scores,
-    slice_scores,
-)
+from kdlib.metrics import check_predictions, patient_scores, slice_scores
 
 HEADLINE: tuple[str, ...] = ("macro_f1", "balanced_accuracy", "f1_LGG", "recall_LGG",
                              "precision_LGG", "ece", "patient_balanced_accuracy",
                              "patient_recall_LGG")
 WILCOXON_MIN_PAIRS = 6
+CI_METHODS: tuple[str, ...] = ("percentile", "bca")
+BOOT_COLUMNS: tuple[str, ...] = ("metric", "estimate", "low", "high", "se", "n_boot", "n_patients",
+                                 "ci_method", "ci")
 
 
 def check_boot_settings(n_boot: int | None = None, ci: float | None = None) -> None:
@@ -46,109 +44,41 @@ def check_boot_settings(n_boot: int | None = None, ci: float | None = None) -> N
                           "(e.g. 0.95, not 95)")
 
 
-def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, n) unit indices drawn with replacement, as scipy.stats.bootstrap draws them."""
-    check_boot_settings(n_boot=n_boot)
-    return np.random.default_rng(seed).integers(0, n, (n_boot, n))
-
-
-def ci_from_bootstrap(theta_hat: float, theta_boot: np.ndarray, ci: float = 0.95,
-                      method: str = "percentile", jackknife: np.ndarray | None = None
-                      ) -> tuple[float, float]:
-    """Percentile or BCa interval (Efron & Tibshirani 1993, eq. 14.10 and 15.36) from a bootstrap
-    distribution; BCa needs the leave-one-unit-out `jackknife` values. NaN draws are dropped."""
-    if method not in ("percentile", "bca"):
+def check_ci_method(method: str) -> None:
+    """Raise ConfigError unless `method` is an interval method of the patient bootstrap."""
+    if method not in CI_METHODS:
         raise ConfigError(f"method={method!r} is not valid; choose 'percentile' or 'bca'")
-    check_boot_settings(ci=ci)
-    theta_boot = np.asarray(theta_boot, dtype=float)
-    theta_boot = theta_boot[np.isfinite(theta_boot)]
-    if not np.isfinite(theta_hat) or len(theta_boot) == 0:
-        return np.nan, np.nan
-    alpha = (1 - ci) / 2
-    q = np.array([alpha, 1 - alpha])
-    if method == "bca":
-        if jackknife is None:
-            raise ConfigError("method='bca' needs the jackknife values")
-        jk = np.asarray(jackknife, dtype=float)
-        jk = jk[np.isfinite(jk)]
-        z0 = ndtri((np.sum(theta_boot < theta_hat) + np.sum(theta_boot <= theta_hat))
-                   / (2 * len(theta_boot)))
-        d = jk.mean() - jk
-        den = 6 * np.sum(d**2) ** 1.5
-        a = np.sum(d**3) / den if den > 0 else 0.0
-        z = ndtri(q)
-        q = ndtr(z0 + (z0 + z) / (1 - a * (z0 + z)))
-        if not np.isfinite(q).all():
-            return np.nan, np.nan
-    low, high = np.quantile(theta_boot, q)
-    return float(low), float(high)
 
 
-def _units(pred: pd.DataFrame, by: str) -> tuple[dict, Callable[[np.ndarray | None], dict]]:
-    """Group a checked table by subject; return arrays and a function scoring a patient draw."""
-    pred = pred.sort_values(["subject_id", "slice"], kind="mergesort").reset_index(drop=True)
-    y, P = arrays(pred)
-    codes, subjects = pd.factorize(pred["subject_id"], sort=True)
-    lengths = np.bincount(codes, minlength=len(subjects))
-    starts = np.r_[0, np.cumsum(lengths)[:-1]]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pt = patient_predictions(pred, by=by).set_index("subject_id").reindex(subjects)
-    grade, pgrade = pt["grade"].to_numpy(object), pt["pred_grade"].to_numpy(object)
-
-    def score(draw: np.ndarray | None, ranking: bool = True) -> dict[str, float]:
-        if draw is None:
-            idx, rows = np.arange(len(y)), np.arange(len(subjects))
-        else:
-            ln = lengths[draw]
-            idx = np.repeat(starts[draw] - np.cumsum(ln) + ln, ln) + np.arange(ln.sum())
-            rows = draw
-        keep = rows[pd.notna(grade[rows])]
-        return {**slice_scores(y[idx], P[idx], ranking), **patient_scores(grade[keep], pgrade[keep])}
-
-    info = {"subjects": subjects, "y": y}
-    return info, score
-
-
-def _resolve(metrics: Sequence[str]) -> tuple[list[str], bool]:
+def check_metrics(metrics: Sequence[str]) -> list[str]:
+    """The metric names as a list; ConfigError for a name that no metric function gives."""
     known = set(slice_scores(np.arange(3), np.eye(3))) | set(
         patient_scores(np.array(["HGG"]), np.array(["HGG"])))
     bad = [m for m in metrics if m not in known]
     if bad:
         raise ConfigError(f"unknown metric(s) {bad}; choose from {sorted(known)}")
-    return list(metrics), any(m.startswith(("auc_", "ap_")) for m in metrics)
+    return list(metrics)
 
 
-def _bootstrap(scorers: list, n_units: int, metrics: Sequence[str], n_boot: int, ci: float,
-               method: str, seed: int, ranking: bool, baselines: list | None = None) -> pd.DataFrame:
-    """Shared engine: estimate = mean_k f(a_k) [- mean_k f(b_k)] over `scorers` [and `baselines`],
-    with draws and jackknife over the same patients for every run."""
-    def mean(group, draw):
-        vals = [s(draw, ranking) for s in group]
-        return np.array([np.mean([v[m] for v in vals]) for m in metrics])
-
-    def value(draw):
-        return mean(scorers, draw) - (mean(baselines, draw) if baselines else 0.0)
-
-    est = value(None)
-    draws = bootstrap_indices(n_units, n_boot, seed)
-    boot = np.array([value(d) for d in draws])
-    jack = None
-    if method == "bca":
-        all_units = np.arange(n_units)
-        jack = np.array([value(np.delete(all_units, i)) for i in range(n_units)])
-    rows = []
-    for j, m in enumerate(metrics):
-        n_nan = int(np.sum(~np.isfinite(boot[:, j])))
-        if np.isfinite(est[j]) and n_nan:
-            warnings.warn(f"{m}: {n_nan} of {n_boot} bootstrap resamples were undefined (e.g. no "
-                          "LGG patient drawn); the interval uses the others", stacklevel=3)
-        low, high = ci_from_bootstrap(est[j], boot[:, j], ci, method,
-                                      None if jack is None else jack[:, j])
-        rows.append({"metric": m, "estimate": est[j], "low": low, "high": high,
-                     "se": float(np.nanstd(boot[:, j], ddof=1)) if n_boot - n_nan > 1 else np.nan,
-                     "n_boot": n_boot, "n_patients": n_units, "ci_method": method, "ci": ci})
-    return pd.DataFrame(rows)
+def _bootstrap(runs: list[RunCounts], n_runs: int, metrics: list[str], n_boot: int, ci: float,
+               method: str, seed: int) -> pd.DataFrame:
+    """mean_k f(run_k) over runs[:n_runs], minus the mean over runs[n_runs:] when there are any."""
+    smallest = min(len(r.subjects) for r in runs)
+    if smallest < 2:
+        raise DataError(f"the patient bootstrap needs at least 2 test patients, a test set has "
+                        f"{smallest}")
+    ours, base = list(range(n_runs)), list(range(n_runs, len(runs)))
+    out = patient_bootstrap(runs, [(ours, base)], metrics, n_boot, ci, method, seed)
+    defined = np.isfinite(out["estimate"])
+    for _, row in out[defined & (out["n_undefined"] > 0)].iterrows():
+        warnings.warn(f"{row['metric']}: {row['n_undefined']} of {n_boot} bootstrap resamples were "
+                      "undefined (e.g. no LGG patient drawn); the interval uses the others",
+                      stacklevel=3)
+    for m in out.loc[defined & out["low"].isna() & (out["n_undefined"] < n_boot), "metric"]:
+        warnings.warn(f"{m}: the BCa interval is undefined (the metric is undefined without one "
+                      "of the patients, e.g. the only LGG patient); use method='percentile'",
+                      stacklevel=3)
+    return out[list(BOOT_COLUMNS)]
 
 
 def bootstrap_metrics(pred: pd.DataFrame, metrics: Sequence[str] = HEADLINE, n_boot: int = 2000,
@@ -158,12 +88,13 @@ def bootstrap_metrics(pred: pd.DataFrame, metrics: Sequence[str] = HEADLINE, n_b
 
     Returns one row per metric: metric, estimate, low, high, se, n_boot, n_patients, ci_method, ci.
     Each draw resamples the test subjects with replacement; slice and patient metrics of a draw
-    use the same subjects. method "bca" adds one leave-one-patient-out pass (cheap).
+    use the same subjects. The intervals are scipy.stats.bootstrap's (kdlib.bootstrap).
     """
     check_boot_settings(n_boot, ci)
-    metrics, ranking = _resolve(metrics)
-    info, score = _units(check_predictions(pred), by)
-    return _bootstrap([score], len(info["subjects"]), metrics, n_boot, ci, method, seed, ranking)
+    check_ci_method(method)
+    metrics = check_metrics(metrics)
+    return _bootstrap([run_counts(check_predictions(pred), by)], 1, metrics, n_boot, ci, method,
+                      seed)
 
 
 def check_same_test_set(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] = ("A", "B")) -> None:
@@ -191,34 +122,30 @@ def bootstrap_difference(pred_a: pd.DataFrame, pred_b: pd.DataFrame,
     """Paired patient-bootstrap CI of metric(A) - metric(B) for two runs on the same test set:
     every draw uses the same resampled patients for both runs. Columns as bootstrap_metrics."""
     check_boot_settings(n_boot, ci)
-    metrics, ranking = _resolve(metrics)
+    check_ci_method(method)
+    metrics = check_metrics(metrics)
     a, b = check_predictions(pred_a, "predictions A"), check_predictions(pred_b, "predictions B")
     check_same_test_set(a, b)
-    info_a, score_a = _units(a, by)
-    _, score_b = _units(b, by)
-    return _bootstrap([score_a], len(info_a["subjects"]), metrics, n_boot, ci, method,
-                      seed, ranking, baselines=[score_b])
+    return _bootstrap([run_counts(a, by), run_counts(b, by)], 1, metrics, n_boot, ci, method, seed)
 
 
 def bootstrap_fold_mean(preds: Sequence[pd.DataFrame],
                         baselines: Sequence[pd.DataFrame] | None = None,
                         metrics: Sequence[str] = HEADLINE, n_boot: int = 2000, ci: float = 0.95,
                         method: str = "percentile", seed: int = 0, by: str = "true") -> pd.DataFrame:
-    """Patient-bootstrap CI of a metric averaged over several runs on the same test set (e.g. the
-    folds of one method), or of that mean minus the baselines' mean (paired: every draw uses the
-    same resampled patients for every run). Columns as bootstrap_metrics."""
+    """Patient-bootstrap CI of a metric averaged over several runs (e.g. the folds of one method),
+    or of that mean minus the baselines' mean. Runs on the same test set share every draw
+    (paired); different test sets (the outer folds of cross-validation) are resampled
+    independently. Columns as bootstrap_metrics (n_patients: over the distinct test sets)."""
     check_boot_settings(n_boot, ci)
-    metrics, ranking = _resolve(metrics)
+    check_ci_method(method)
+    metrics = check_metrics(metrics)
     runs = [check_predictions(p, f"predictions {i}") for i, p in enumerate(preds)]
     base = [check_predictions(p, f"baseline predictions {i}") for i, p in enumerate(baselines or [])]
     if not runs:
         raise DataError("bootstrap_fold_mean needs at least one prediction table")
-    for i, other in enumerate(runs[1:] + base, start=1):
-        check_same_test_set(runs[0], other, ("0", str(i)))
-    units = [_units(p, by) for p in runs + base]
-    scorers = [score for _, score in units]
-    return _bootstrap(scorers[:len(runs)], len(units[0][0]["subjects"]), metrics, n_boot, ci,
-                      method, seed, ranking, baselines=scorers[len(runs):] or None)
+    counts = [run_counts(p, by) for p in runs + base]
+    return _bootstrap(counts, len(runs), metrics, n_boot, ci, method, seed)
 
 
 # ---------------------------------------------------------------- across folds / runs

@@ -1,22 +1,27 @@
-"""kdlib.analysis: post-hoc rows, the runs of each question, tests, bootstrap and the answers'
-numbers, on synthetic run tables, fake run folders and a tiny trained run set."""
+"""kdlib.analysis: post-hoc rows, the runs of each question, the declared families and their
+effect tables, question 2's correlation, and the patient bootstrap, on made-up run tables, fake
+run folders and a tiny trained run set."""
 
 from __future__ import annotations
 
-import re
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from helpers_eval import synthetic_predictions, synthetic_runs
+from helpers_eval import experiment_runs, synthetic_predictions, synthetic_runs
 from helpers_train import make_cache, tiny_config, write_splits
 from scipy import stats as sps
 
 from kdlib import CLASSES
 from kdlib import analysis as A
+from kdlib.comparisons import split_differences
+from kdlib.errors import DataError
 from kdlib.experiment import Experiment
 from kdlib.grid import run_grid
+from kdlib.hypotheses import EXPLORATORY
 from kdlib.identity import method_name, run_id
 from kdlib.metrics import run_metrics
 from kdlib.results import load_predictions, load_runs
@@ -181,40 +186,6 @@ def test_q2_runs_roles_and_a_model_in_both_lists():
     assert "ce+posthoc" not in set(q2["method"])
 
 
-def test_q2_gains_and_answer_q2_numbers():
-    q2 = A.q2_runs(run_rows(), EXP)
-    gains = A.q2_gains(q2)
-    assert len(gains) == 2 * 4  # two metrics x four cells
-    g = gains[gains["metric"] == "f1_LGG"].set_index(["teacher_model", "model"])
-    alone = q2[q2["role"] == "student alone"].set_index(["model", "fold"])["f1_LGG"]
-    for (t, m), row in g.iterrows():
-        d = q2[(q2["role"] == "distilled") & (q2["teacher_model"] == t) & (q2["model"] == m)]
-        diffs = [r["f1_LGG"] - alone[(m, r["fold"])] for _, r in d.iterrows()]
-        assert row["mean_diff"] == pytest.approx(np.mean(diffs))
-        assert row["n_pairs"] == 3
-        assert row["teacher_model_params"] == PARAMS[t] and row["model_params"] == PARAMS[m]
-    np.testing.assert_allclose(g["p_holm"], holm(g["p_corrected_t"]))
-
-    text = A.answer_q2(gains, q2, alpha=0.05)
-    teachers = q2[q2["role"] == "teacher"].groupby("model")["f1_LGG"].mean().sort_values()
-    listed = ", ".join(f"{m} {v:.3f}" for m, v in teachers.items())
-    assert f"Teachers alone reach f1_LGG: {listed}." in text
-    best = g["mean_diff"].idxmax()
-    worst = g["mean_diff"].idxmin()
-    assert best == ("cnn_m", "cnn_xs") and worst == ("cnn_s", "cnn_s")
-    assert f"**cnn_m -> cnn_xs**, {g.loc[best, 'mean_diff']:+.3f} over the student alone" in text
-    assert f"(Holm p = {g.loc[best, 'p_holm']:.3f})" in text
-    assert f"worst: cnn_s -> cnn_s, {g.loc[worst, 'mean_diff']:+.3f}" in text
-    n_sig = int((g["p_holm"] < 0.05).sum())
-    assert f"- {n_sig} of 4 teacher x student cells" in text
-    rho = sps.spearmanr(g["teacher_model_params"], g["mean_diff"]).statistic
-    ratio = g["teacher_model_params"] / g["model_params"]
-    rho2 = sps.spearmanr(ratio, g["mean_diff"]).statistic
-    assert (f"teacher's parameter count: {rho:+.2f}; with the teacher/student size ratio: "
-            f"{rho2:+.2f}") in text
-    assert A.answer_q2(gains.iloc[:0], q2) == "No teacher x student runs were found."
-
-
 def test_example_runs_pick_one_run_per_method_and_the_teacher():
     runs = run_rows()
     picked = A.example_runs(runs, EXP, 4, ["ce", "dkd", "ce", "nosuch"])
@@ -262,73 +233,6 @@ def test_summary_table_order_and_values():
     by_method = A.summary_table(runs, metrics=["f1_LGG"], by=["method"])
     assert by_method["method"].tolist() == ["ce", "weighted_ce", "dkd", "kd"]
     assert (by_method["n_runs"] == 10).all()
-
-
-def test_paired_tests_by_hand():
-    runs = synthetic()
-    tests = A.paired_tests(runs, metrics=["f1_LGG", "macro_f1"])
-    assert len(tests) == 2 * 3 * 2  # metrics x methods x ratios
-    assert set(tests["method"]) == {"weighted_ce", "kd", "dkd"}
-    def at(method, ratio, metric):
-        same = runs["ratio"].isna() if pd.isna(ratio) else runs["ratio"] == ratio
-        return runs[(runs["method"] == method) & same].set_index("fold")[metric]
-
-    for _, row in tests.iterrows():
-        ours, ce = (at(m, row["ratio"], row["metric"]) for m in (row["method"], "ce"))
-        assert row["n_pairs"] == 5 and row["mean_diff"] == pytest.approx((ours - ce).mean())
-        assert row["baseline_mean"] == pytest.approx(ce.mean())
-    for _, part in tests.groupby("metric"):  # Holm over the methods and ratios of one metric
-        np.testing.assert_allclose(part["p_holm"], holm(part["p_corrected_t"]))
-
-
-def fake_boot(tests):
-    """A bootstrap table with the columns answer_q1 reads, with recognisable CI bounds."""
-    rows = [{"method": r["method"], "ratio": r["ratio"], "metric": r["metric"],
-             "diff_low": r["mean_diff"] - 0.0111, "diff_high": r["mean_diff"] + 0.0222}
-            for _, r in tests.iterrows()]
-    return pd.DataFrame(rows)
-
-
-def test_answer_q1_numbers_match_the_tables():
-    runs = synthetic()
-    tests = A.paired_tests(runs, metrics=["f1_LGG"])
-    text = A.answer_q1(tests, fake_boot(tests), metric="f1_LGG", alpha=0.05)
-    paragraphs = [line for line in text.splitlines() if line.startswith("- **At")]
-    assert [p.split("**")[1] for p in paragraphs] == ["At 4:1", "At the natural ratio"]
-    groups = [tests[tests["ratio"] == 4.0], tests[tests["ratio"].isna()]]
-    for para, grp in zip(paragraphs, groups, strict=True):
-        best = grp.loc[grp["mean_diff"].idxmax()]
-        assert best["method"] == "weighted_ce"
-        assert f"reaches f1_LGG = {grp['baseline_mean'].iloc[0]:.3f}." in para
-        assert f"**weighted_ce**: {best['mean_diff']:+.3f} over 5 folds" in para
-        assert (f"[{best['mean_diff'] - 0.0111:+.3f}, {best['mean_diff'] + 0.0222:+.3f}]") in para
-        assert (f"corrected-t p = {best['p_corrected_t']:.3f}, "
-                f"Holm-adjusted p = {best['p_holm']:.3f}") in para
-        kd = grp[grp["method"].isin(["kd", "dkd"])].sort_values("mean_diff", ascending=False)
-        listed_kd = ", ".join(f"{m} {d:+.3f}" for m, d in zip(kd["method"], kd["mean_diff"]))
-        assert f"Distillation methods, gain over CE: {listed_kd}." in para
-        sig = grp[grp["p_holm"] < 0.05]
-        assert f"{len(sig)} of 3 methods differ from CE" in para
-        listed = re.search(r"p < 0.05(: (.*))?\.$", para).group(2)
-        assert (listed.split(", ") if listed else []) == sig["method"].tolist()
-
-
-def test_answer_q1_reports_the_few_folds_caveat():
-    runs = synthetic(folds=3)
-    tests = A.paired_tests(runs, metrics=["f1_LGG"])
-    text = A.answer_q1(tests, fake_boot(tests).iloc[:0])
-    assert "*Caveat:* only 3 pairs" in text and "over 3 folds," in text
-    assert "CI of the fold-mean gain" not in text  # no bootstrap rows: no interval quoted
-
-
-def test_answer_q1_names_the_teachers_own_score_and_untestable_p_values():
-    runs = synthetic(folds=3)
-    tests = A.paired_tests(runs, metrics=["f1_LGG"])
-    teacher = pd.Series([0.4321, 0.1234], index=pd.Index([4.0, np.nan], name="ratio"))
-    text = A.answer_q1(tests, fake_boot(tests).iloc[:0], teacher=teacher)
-    assert "and its teacher 0.432." in text and "and its teacher 0.123." in text
-    flat = tests.assign(mean_diff=0.0, p_corrected_t=np.nan, p_holm=np.nan)
-    assert "Holm-adjusted p = n/a (identical in every fold)" in A.answer_q1(flat, flat.iloc[:0])
 
 
 # ---------------------------------------------------------------- bootstrap over fake run folders
@@ -380,6 +284,64 @@ def test_bootstrap_table_estimates_are_fold_means(fake_runs):
     pd.testing.assert_frame_equal(boot, again)
 
 
+def test_bootstrap_table_is_one_fold_mean_bootstrap_per_group(fake_runs, monkeypatch, tmp_path):
+    from kdlib.stats import bootstrap_fold_mean
+
+    fake_runs = fake_runs.assign(path=[shutil.copytree(p, tmp_path / Path(p).name)
+                                       for p in fake_runs["path"]])  # files not read before
+    reads = []
+    real = A.load_predictions
+    monkeypatch.setattr(A, "load_predictions", lambda path: reads.append(path) or real(path))
+    metrics = ["f1_LGG", "ece", "patient_recall_LGG"]
+    boot = A.bootstrap_table(fake_runs, metrics=metrics + ["f1_LGG"], n_boot=60, seed=2)
+    assert len(reads) == len(fake_runs)  # each run's predictions read once
+    assert A.bootstrap_table(fake_runs, metrics=metrics, n_boot=60, seed=2).equals(boot)
+    assert len(reads) == len(fake_runs)  # and not again for the second table
+    preds = {r["run_id"]: load_predictions(r["path"]) for _, r in fake_runs.iterrows()}
+    natural = fake_runs[fake_runs["ratio"].isna()]
+    kd, ce = (natural[natural["method"] == m].sort_values("fold")["run_id"] for m in ("kd", "ce"))
+    level = quiet(bootstrap_fold_mean, [preds[r] for r in kd], None, metrics, 60, seed=2)
+    diff = quiet(bootstrap_fold_mean, [preds[r] for r in kd], [preds[r] for r in ce], metrics, 60,
+                 seed=2)
+    got = boot[(boot["method"] == "kd") & boot["ratio"].isna()].set_index("metric")
+    assert list(got.index) == metrics  # the repeated metric is bootstrapped once
+    for m in metrics:
+        lv, d = level.set_index("metric").loc[m], diff.set_index("metric").loc[m]
+        assert got.loc[m, ["estimate", "low", "high"]].tolist() == pytest.approx(
+            [lv["estimate"], lv["low"], lv["high"]], abs=1e-12)
+        assert got.loc[m, ["diff", "diff_low", "diff_high"]].tolist() == pytest.approx(
+            [d["estimate"], d["low"], d["high"]], abs=1e-12)
+
+
+def test_bootstrap_table_resamples_each_outer_fold_on_its_own(tmp_path):
+    rows = []  # cross-validation: each fold tests other subjects (renamed S -> F<fold>)
+    for fold in range(2):
+        for method, skill in (("ce", 0.8), ("kd", 1.4)):
+            folder = tmp_path / f"{method}-{fold}"
+            folder.mkdir()
+            pred = synthetic_predictions(8 + 2 * fold, 6, skill=skill, seed=10 * fold + len(rows))
+            pred["subject_id"] = pred["subject_id"].str.replace("S", f"F{fold}-")
+            pred.to_csv(folder / "predictions.csv", index=False)
+            rows.append({"run_id": folder.name, "method": method, "fold": fold, "ratio": 4.0,
+                         "seed": 0, "path": str(folder)})
+    runs = pd.DataFrame(rows)
+    boot = A.bootstrap_table(runs, metrics=["macro_f1"], n_boot=200, seed=1).set_index("method")
+    per_run = {r["run_id"]: quiet(run_metrics, load_predictions(r["path"]))["macro_f1"]
+               for r in rows}
+    kd = (per_run["kd-0"] + per_run["kd-1"]) / 2
+    assert boot.loc["kd", "estimate"] == pytest.approx(kd)
+    assert boot.loc["kd", "diff"] == pytest.approx(kd - (per_run["ce-0"] + per_run["ce-1"]) / 2)
+    assert boot.loc["kd", "n_patients"] == 8 + 10  # both folds' test subjects
+    assert boot.loc["kd", "low"] < kd < boot.loc["kd", "high"]
+    assert boot.loc["kd", "diff_low"] < boot.loc["kd", "diff"] < boot.loc["kd", "diff_high"]
+    wrong = tmp_path / "ce-0" / "predictions.csv"  # the same subjects with another label
+    pred = pd.read_csv(wrong)
+    pred.loc[0, "label"] = "LGG" if pred.loc[0, "label"] != "LGG" else "HGG"
+    pred.to_csv(wrong, index=False)
+    with pytest.raises(DataError, match="ce-0 and kd-0|kd-0 and ce-0"):
+        A.bootstrap_table(runs, metrics=["macro_f1"], n_boot=10)
+
+
 def test_bootstrap_table_pools_the_folds_of_cv_splits(tmp_path):
     from kdlib.data.splits import SplitConfig, make_splits, save_splits
 
@@ -426,25 +388,6 @@ def test_ratio_axis_places_the_natural_ratio_at_its_achieved_value():
     assert A.ratio_axis(table, runs.iloc[:1])["ratio_axis"].isna().tolist() == [True, False]
 
 
-def test_answer_q1_reports_what_the_best_method_cost_elsewhere():
-    runs = synthetic(folds=3).assign(precision_LGG=lambda d: d["f1_LGG"] - 0.2)
-    tests = A.paired_tests(runs, metrics=["f1_LGG", "macro_f1", "precision_LGG"])
-    text = A.answer_q1(tests, fake_boot(tests).iloc[:0])
-    at4 = tests[tests["ratio"] == 4.0]
-    best = at4[at4["metric"] == "f1_LGG"].sort_values("mean_diff").iloc[-1]["method"]
-    m = at4[(at4["method"] == best) & (at4["metric"] == "macro_f1")].iloc[0]
-    p = at4[(at4["method"] == best) & (at4["metric"] == "precision_LGG")].iloc[0]
-    assert (f"(macro-F1 {m['method_mean']:.3f} against CE's {m['baseline_mean']:.3f}; "
-            f"LGG precision {p['method_mean']:.3f} against CE's {p['baseline_mean']:.3f}).") in text
-
-
-def test_best_method_at_a_ratio():
-    tests = A.paired_tests(synthetic(folds=3), metrics=["f1_LGG"])
-    for ratio in (4.0, None):
-        at = tests[A.in_ratios(tests["ratio"], [ratio])]
-        assert A.best_method(tests, ratio) == at.loc[at["mean_diff"].idxmax(), "method"]
-
-
 def test_is_distilled_follows_the_distiller_registry(monkeypatch):
     from kdlib import criterion
 
@@ -454,3 +397,109 @@ def test_is_distilled_follows_the_distiller_registry(monkeypatch):
         assert not A.is_distilled(m)
     monkeypatch.setitem(criterion.DISTILLERS, "crd", criterion.DISTILLERS["kd"])
     assert A.is_distilled("crd") and A.is_distilled("crd+focal")
+
+
+# ---------------------------------------------------------------- the declared families
+
+DISTILLED = ("kd", "dkd", "bkd", "kd+logit_adjusted", "kd_original")
+Q1_GAINS = {"bkd": 0.25, "kd": 0.12, "logit_adjusted": 0.05, "cnn_m->cnn_xs": 0.12,
+            "cnn_s->cnn_xs": 0.08, "cnn_s->cnn_s": 0.0, "cnn_m->cnn_s": 0.03}
+
+
+def test_primary_family_composition_and_size():
+    fam = A.primary_family(EXP)  # ratios natural and 4
+    assert fam.name == A.PRIMARY and fam.metric == "f1_LGG"
+    assert set(fam.pairs) == {(m, b) for m in DISTILLED for b in ("ce", "logit_adjusted")}
+    assert len(fam.ratios) == 2 and fam.ratios[0] is None and fam.ratios[1] == 4.0
+    assert fam.size == 5 * 2 * 2
+    # no natural ratio: the least imbalanced and the strongest
+    three = Experiment(ratios=(1, 4, 16))
+    assert A.primary_family(three).ratios == (1.0, 16.0)
+    assert A.primary_family(Experiment(ratios=(None,))).ratios == (None,)
+    declared = Experiment(ratios=(1, 4, 16), primary_ratios=(4,), primary_baselines=("ce",),
+                          distillers=("kd",), kd_task_losses=(), kd_original=False,
+                          primary_metric="recall_LGG")
+    fam = A.primary_family(declared)
+    assert fam.pairs == (("kd", "ce"),) and fam.ratios == (4,) and fam.size == 1
+    assert fam.metric == "recall_LGG"
+    with pytest.raises(DataError, match="no distillation method"):
+        A.primary_family(Experiment(distillers=(), kd_task_losses=(), kd_original=False))
+
+
+def test_q1_effects_holm_within_the_primary_family_the_rest_exploratory():
+    runs = experiment_runs(EXP, Q1_GAINS, guard={"bkd": -0.1})
+    q1 = A.q1_runs(runs, EXP)
+    t = quiet(A.q1_effects, q1, EXP)
+    prim = t[t["family"] == A.PRIMARY]
+    assert len(prim) == 20 and (prim["family_size"] == 20).all()
+    assert set(zip(prim["method"], prim["baseline"])) == {
+        (m, b) for m in DISTILLED for b in ("ce", "logit_adjusted")}
+    np.testing.assert_allclose(prim["p_holm"], holm(prim["p"].to_numpy()))
+    assert ((prim["k"] == 5) & (prim["r"] == 2) & (prim["s"] == 1)).all()
+    expl = t[t["family"] == EXPLORATORY]
+    assert expl["p_holm"].isna().all() and len(expl) > 0
+    assert not set(zip(expl["method"], expl["baseline"], expl["ratio"].fillna(0))) & set(
+        zip(prim["method"], prim["baseline"], prim["ratio"].fillna(0)))
+    # each gain is the mean of the paired per-split differences
+    row = prim[(prim["method"] == "bkd") & (prim["baseline"] == "logit_adjusted")
+               & (prim["ratio"] == 4.0)].iloc[0]
+    d = quiet(split_differences, q1[q1["ratio"] == 4.0], "bkd", "logit_adjusted", "f1_LGG")
+    assert row["gain"] == pytest.approx(d["diff"].mean()) and row["n_splits"] == 10
+    assert row["verdict"] == "gain, guard worse"  # macro-F1 is 0.1 lower
+    assert row["guard"] == "macro_f1" and row["guard_ci_high"] < 0
+    assert A.best_method(t, 4.0) == "bkd"
+    with pytest.raises(DataError, match="no comparison"):
+        A.best_method(t, 16.0)
+
+
+def test_q1_effects_follow_the_declared_rope_guard_and_metric():
+    exp = Experiment(ratios=(None, 4), rope=0.5, guard_metric="f1_LGG", primary_ratios=(4,),
+                     primary_baselines=("ce",))
+    runs = experiment_runs(exp, Q1_GAINS)
+    t = quiet(A.q1_effects, A.q1_runs(runs, exp), exp)
+    prim = t[t["family"] == A.PRIMARY]
+    assert len(prim) == 5 and (prim["ratio"] == 4.0).all() and (prim["baseline"] == "ce").all()
+    assert (prim["guard"] == "f1_LGG").all()
+    assert (prim["p_rope"] > 0.9).all()  # every gain is well inside +-0.5
+
+
+def test_q2_effects_family_and_correlations():
+    runs = experiment_runs(EXP, Q1_GAINS)
+    cells = A.q2_cells(A.q2_runs(runs, EXP), EXP)
+    g = quiet(A.q2_effects, cells, EXP)
+    assert set(g["family"]) == {A.Q2_FAMILY} and len(g) == 4 and (g["family_size"] == 4).all()
+    np.testing.assert_allclose(g["p_holm"], holm(g["p"].to_numpy()))
+    assert set(zip(g["teacher_model"], g["model"])) == {
+        ("cnn_s", "cnn_xs"), ("cnn_m", "cnn_xs"), ("cnn_s", "cnn_s"), ("cnn_m", "cnn_s")}
+    assert (g["teacher_model_params"] == g["teacher_model"].map(PARAMS)).all()
+    assert (g["model_params"] == g["model"].map(PARAMS)).all()
+    best = g.loc[g["gain"].idxmax()]
+    assert (best["teacher_model"], best["model"]) == ("cnn_m", "cnn_xs")
+    corr = quiet(A.q2_correlations, cells, EXP, n_boot=200).set_index("x")
+    # two teachers: two distinct parameter counts, too few for a rank correlation
+    assert pd.isna(corr.loc["teacher parameters", "rho"])
+    assert "2 distinct x value(s)" in corr.loc["teacher parameters", "reason"]
+    ratio = corr.loc["teacher/student size ratio"]
+    want = sps.spearmanr([PARAMS[t] / PARAMS[s] for t, s in zip(g["teacher_model"], g["model"])],
+                         g["gain"]).statistic
+    assert ratio["rho"] == pytest.approx(want) and ratio["n_cells"] == 4
+    assert ratio["ci_low"] <= ratio["rho"] <= ratio["ci_high"]
+
+
+def test_q2_correlation_with_too_few_cells():
+    exp = Experiment(ratios=(None, 4), grid_teachers=("cnn_m",), grid_students=("cnn_xs",))
+    runs = experiment_runs(exp, Q1_GAINS)
+    cells = A.q2_cells(A.q2_runs(runs, exp), exp)
+    corr = quiet(A.q2_correlations, cells, exp, n_boot=50)
+    assert corr["rho"].isna().all() and len(corr) == 2
+    assert corr["reason"].str.contains("1 cell").all()
+    with pytest.raises(DataError, match="parameter count"):
+        A.q2_correlations(cells.drop(columns=["params", "teacher_params"]), exp)
+
+
+def test_q2_correlation_of_equal_gains_is_undefined_not_nan():
+    runs = experiment_runs(EXP, {}, noise=0.0)  # every cell gains exactly 0
+    cells = A.q2_cells(A.q2_runs(runs, EXP), EXP)
+    corr = A.q2_correlations(cells, EXP, n_boot=50).set_index("x")
+    ratio = corr.loc["teacher/student size ratio"]
+    assert pd.isna(ratio["rho"]) and "same mean gain" in ratio["reason"]

@@ -289,3 +289,53 @@ def test_read_profile_plan_without_a_plan_says_what_to_run(workspace):
     with pytest.raises(DataError, match=r"no run plan yet.*notebooks 02 and 03, or `kdlib plan "
                                         r"--profile smoke`"):
         read_profile_plan("smoke")
+
+
+# ---------------------------------------------------------------- the declared primary family
+
+
+def test_primary_family_declaration_defaults_and_coercion():
+    exp = Experiment()
+    assert exp.primary_metric == "f1_LGG" and exp.guard_metric == "macro_f1"
+    assert exp.family_baselines == ("ce", "logit_adjusted") and exp.rope == 0.02
+    assert Experiment(baseline_losses=["ce", "focal"]).family_baselines == ("ce",)
+    assert exp.distilled_methods == ("kd", "dkd", "bkd", "kd+logit_adjusted", "kd_original")
+    assert exp.family_ratios == (1.0, 4.0)  # no natural ratio: the least imbalanced, strongest
+    assert Experiment(ratios=[4, None, 16]).family_ratios == (None, 16.0)
+    assert Experiment(ratios=[None]).family_ratios == (None,)
+    assert Experiment(ratios=[4]).family_ratios == (4.0,)
+    given = Experiment(ratios=[1, 4, 16], primary_ratios=[16, 4], primary_baselines="ce")
+    assert given.family_ratios == (16, 4) and given.family_baselines == ("ce",)
+    assert Experiment(ratios=[None, 4], primary_ratios=[None]).family_ratios == (None,)
+    assert Experiment(kd_task_losses=[], kd_original=False).distilled_methods == (
+        "kd", "dkd", "bkd")
+    assert Experiment(primary_baselines=["ce+posthoc"]).family_baselines == ("ce+posthoc",)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"primary_baselines": ("focal",), "baseline_losses": ("ce",)}, "primary_baselines"),
+    ({"primary_baselines": ()}, "primary_baselines"),
+    ({"primary_ratios": (8,)}, "primary_ratios"),
+    ({"primary_ratios": (None,)}, "primary_ratios"),  # the natural ratio is not trained
+    ({"primary_ratios": ()}, "primary_ratios"),
+    ({"primary_ratios": ("4",)}, "primary_ratios"),
+    ({"rope": -0.1}, "rope"),
+    ({"rope": True}, "rope"),
+    ({"rope": 1.5}, "rope"),
+    ({"primary_metric": ""}, "primary_metric"),
+    ({"guard_metric": None}, "guard_metric"),
+])
+def test_primary_family_declaration_validation(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        Experiment(**kw)
+
+
+def test_analysis_settings_leave_the_plan_valid(workspace):
+    small = {"epochs": 1, "ratios": [None], "seeds": [0]}
+    record_experiment("smoke", Experiment.from_profile("smoke", small), "test")
+    plan = profile_plan("smoke")
+    analysis_only = {"rope": 0.05, "guard_metric": "balanced_accuracy", "primary_ratios": [None],
+                     "primary_baselines": ["ce"], "primary_metric": "recall_LGG"}
+    record_experiment("smoke", Experiment.from_profile("smoke", {**small, **analysis_only}), "t")
+    assert read_profile_plan("smoke") == plan  # no run changed: notebook 04 reads the same plan
+    assert load_experiment("smoke", verbose=False).rope == 0.05

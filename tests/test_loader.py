@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -57,6 +59,40 @@ def test_load_tensors_errors(cache, tmp_path):
         load_tensors(cache, table.assign(row=table.row + 1000), ["flair"])
     with pytest.raises(DataError, match="labels"):
         load_tensors(cache, table.assign(label="tumour"), ["flair"])
+
+
+def test_a_process_reads_a_cache_file_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    from kdlib.data import loader
+
+    path = make_cache(tmp_path, n_hgg=3, n_lgg=2, slices=4, size=8)
+    table = pd.read_csv(path.with_suffix(".csv"))
+    opened = []
+    real = h5py.File
+    monkeypatch.setattr(loader.h5py, "File", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    loader.forget_kept()
+    x1, _ = load_tensors(path, table, ["t1", "flair"])  # a training set: read and kept
+    part = table.iloc[[9, 3, 3, 0]]  # then a small validation part of the same file
+    x2, y2 = load_tensors(path, part, ["t1", "flair"], dtype=torch.float32)
+    assert len(opened) == 1  # the second call did not open the file
+    with h5py.File(path) as f:
+        images = f["images"][:]
+    assert np.array_equal(x1.numpy(), images[:, [1, 0]])
+    assert np.array_equal(x2.numpy(), images[part["row"].to_numpy()][:, [1, 0]].astype(np.float32))
+    assert [CLASSES[i] for i in y2.tolist()] == part["label"].tolist()
+    with h5py.File(path, "r+") as f:  # the cache is rebuilt in place: new size or mtime
+        f["images"][0] = -7
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    opened.clear()
+    x3, _ = load_tensors(path, table, ["t1"])
+    assert len(opened) == 1 and (x3[0] == -7).all()
+    other = make_cache(tmp_path / "b", n_hgg=2, n_lgg=2, slices=4, size=8, seed=1)
+    load_tensors(other, pd.read_csv(other.with_suffix(".csv")), ["t1"])
+    assert len(loader._KEPT) == 1 and str(other.resolve()) in next(iter(loader._KEPT))[0]
+    opened.clear()
+    load_tensors(path, table.iloc[:2], ["t1"])  # a few rows of a file not kept: read, not kept
+    assert len(opened) == 1 and str(other.resolve()) == next(iter(loader._KEPT))[0]
+    loader.forget_kept()
+    assert not loader._KEPT
 
 
 def test_load_masks_in_table_order_with_repeats(cache):

@@ -83,7 +83,7 @@ def test_smoke_chain_runs_every_notebook_and_writes_every_figure(tmp_path, monke
     expected = ["data_class_distribution", "data_example_slices", "data_intensity_histograms",
                 "data_split_distribution", "teachers_learning_curves", "baselines_learning_curves",
                 "students_learning_curves", "q1_gain_vs_ratio_losses", "q1_gain_vs_ratio_kd",
-                "q1_gain_vs_ratio_kd_bootstrap",
+                "q1_gain_vs_ratio_kd_vs_la",
                 "q1_roc_pr", "q1_reliability", "q2_gain_heatmap", "q2_f1_vs_params"]
     for name in expected:
         for ext in ("pdf", "png"):
@@ -91,11 +91,13 @@ def test_smoke_chain_runs_every_notebook_and_writes_every_figure(tmp_path, monke
             assert f.is_file() and f.stat().st_size > 1000, f"missing or empty {f.name}"
     assert list(figures.glob("q1_confusion_*.pdf")) and list(figures.glob("q1_per_class_f1_*.pdf"))
     for table in ("data_split_table", "data_training_sets", "validation_baselines", "q1_methods",
-                  "q1_paired_tests", "q1_bootstrap", "q2_size_grid"):
+                  "q1_effects", "q1_primary_tests", "q1_power", "q1_bootstrap", "q2_size_grid"):
         assert (figures / f"{table}.tex").read_text().count("\\toprule") == 1
         assert len(pd.read_csv(figures / f"{table}.csv")) > 0
     answers = (figures / "answers.md").read_text()
     assert "Question 1" in answers and "Question 2" in answers
+    assert "Declared family *Q1 primary*: 20 hypotheses" in answers  # smoke: 5 x 2 x 2
+    assert "5 folds x 1 repeat x 1 seed" in answers and "What the design supports" in answers
 
     # the experiment recorded by the runner, and the plan notebooks 02-04 used
     runs_dir = tmp_path / "runs" / "smoke"

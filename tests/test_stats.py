@@ -15,7 +15,6 @@ from kdlib.stats import (
     bootstrap_difference,
     bootstrap_fold_mean,
     bootstrap_metrics,
-    ci_from_bootstrap,
     compare_to_baseline,
     corrected_resampled_ttest,
     few_folds_caveat,
@@ -38,16 +37,6 @@ def test_patient_bootstrap_matches_scipy_on_mean_of_patient_values(ours, theirs)
     assert r["low"] == pytest.approx(s.confidence_interval.low, abs=1e-9)
     assert r["high"] == pytest.approx(s.confidence_interval.high, abs=1e-9)
     assert r["se"] == pytest.approx(s.standard_error, rel=1e-9)
-
-
-def test_ci_from_bootstrap_matches_scipy_for_a_skewed_mean():
-    x = np.random.default_rng(0).exponential(size=25)
-    idx = np.random.default_rng(5).integers(0, 25, (300, 25))
-    jack = np.array([np.delete(x, i).mean() for i in range(25)])
-    low, high = ci_from_bootstrap(x.mean(), x[idx].mean(axis=1), 0.9, "bca", jack)
-    s = sps.bootstrap((x,), np.mean, n_resamples=300, confidence_level=0.9,
-                      rng=np.random.default_rng(5))
-    assert (low, high) == pytest.approx(tuple(s.confidence_interval), abs=1e-12)
 
 
 def test_bootstrap_resamples_patients_not_slices():
@@ -254,8 +243,6 @@ def test_bootstrap_settings_are_validated(kwargs, setting):
     with pytest.raises(ConfigError, match=match):
         bootstrap_fold_mean([pred], metrics=["accuracy"], **kwargs)
     if setting == "ci":
-        with pytest.raises(ConfigError, match=match):
-            ci_from_bootstrap(0.5, np.array([0.4, 0.6]), **kwargs)
         with pytest.raises(ConfigError, match=match):
             compare_to_baseline(synthetic_runs(), "ce", "f1_LGG", **kwargs)
 

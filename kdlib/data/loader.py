@@ -21,6 +21,9 @@ from kdlib.errors import DataError
 
 SAMPLERS: tuple[str, ...] = ("none", "oversample", "undersample")
 READ_CHUNK = 1024  # rows per HDF5 read: bounds the host memory used while loading
+KEEP_FRACTION = 0.25  # a request for this share of a cache's slices reads and keeps all of it
+KEEP_BYTES = 8 * 2**30  # the largest cache kept in memory (BraTS2020 at 128 px: about 5 GB)
+_KEPT: dict[tuple[str, int, int], np.ndarray] = {}  # (path, size, mtime) -> images; one entry
 
 
 def load_tensors(
@@ -34,6 +37,9 @@ def load_tensors(
 
     Rows are read in increasing order (what HDF5 fancy indexing needs), in chunks, then put back in
     table order; `y` holds the index of `table.label` in CLASSES. Both tensors live on `device`.
+    A request for at least KEEP_FRACTION of a cache's slices reads the whole cache once and keeps
+    it in this process's memory (one cache file, at most KEEP_BYTES), so a worker that trains many
+    runs reads the file once; a rewritten file (other size or mtime) is read again.
     """
     path = Path(cache_h5)
     if not path.is_file():
@@ -48,32 +54,62 @@ def load_tensors(
         raise DataError(f"slice table of {path} has labels {bad}; valid labels: {list(CLASSES)}")
     channels = [MODALITIES.index(m) for m in modalities]
     rows = table["row"].to_numpy(dtype=np.int64)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    images = _KEPT.get(key)
+    if images is None:
+        with h5py.File(path, "r") as f:
+            if "images" not in f:
+                raise DataError(f"{path} has no 'images' dataset; rebuild the cache")
+            dataset = f["images"]
+            _check_rows(path, rows, len(dataset))
+            if len(rows) < KEEP_FRACTION * len(dataset) or dataset.nbytes > KEEP_BYTES:
+                x = _read_rows(dataset, rows, channels, device, dtype)
+            else:
+                _KEPT.clear()  # one cache file at a time
+                images = _KEPT[key] = dataset[()]
+    else:
+        _check_rows(path, rows, len(images))
+    if images is not None:
+        x = torch.empty((len(rows), len(channels), *images.shape[2:]), dtype=dtype, device=device)
+        for start in range(0, len(rows), READ_CHUNK):
+            block = images[np.ix_(rows[start:start + READ_CHUNK], channels)]
+            x[start:start + len(block)] = torch.from_numpy(block).to(device=device, dtype=dtype)
+    labels = table["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy(dtype=np.int64)
+    return x, torch.tensor(labels, device=device)
+
+
+def _check_rows(path: Path, rows: np.ndarray, n: int) -> None:
+    if len(rows) and (rows.min() < 0 or rows.max() >= n):
+        raise DataError(f"slice table rows reach {rows.max()} but {path} holds {n} images; "
+                        "the table and the cache do not belong together, rebuild the cache")
+
+
+def forget_kept() -> None:
+    """Free the slice cache kept in memory by load_tensors (it is read again when needed)."""
+    _KEPT.clear()
+
+
+def _read_rows(images: h5py.Dataset, rows: np.ndarray, channels: list[int],
+               device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Read the rows of an HDF5 dataset in chunks of increasing rows, put back in table order."""
     unique_rows, inverse = np.unique(rows, return_inverse=True)
     # table positions grouped by unique row: unique row u goes to dest[bounds[u]:bounds[u + 1]]
     dest = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[dest], np.arange(len(unique_rows) + 1))
-    with h5py.File(path, "r") as f:
-        if "images" not in f:
-            raise DataError(f"{path} has no 'images' dataset; rebuild the cache")
-        images = f["images"]
-        n, _, height, width = images.shape
-        if len(rows) and (rows.min() < 0 or rows.max() >= n):
-            raise DataError(f"slice table rows reach {rows.max()} but {path} holds {n} images; "
-                            "the table and the cache do not belong together, rebuild the cache")
-        x = torch.empty((len(rows), len(channels), height, width), dtype=dtype, device=device)
-        for start in range(0, len(unique_rows), READ_CHUNK):
-            chunk = unique_rows[start:start + READ_CHUNK]
-            lo, hi = int(chunk[0]), int(chunk[-1]) + 1
-            if hi - lo <= 2 * len(chunk):  # dense: one contiguous read beats fancy indexing
-                block = images[lo:hi][chunk - lo]
-            else:
-                block = images[chunk]
-            block = torch.from_numpy(np.ascontiguousarray(block[:, channels]))
-            a, b = bounds[start], bounds[start + len(chunk)]
-            src = torch.as_tensor(inverse[dest[a:b]] - start)
-            x[torch.as_tensor(dest[a:b], device=device)] = block[src].to(device=device, dtype=dtype)
-    labels = table["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy(dtype=np.int64)
-    return x, torch.tensor(labels, device=device)
+    x = torch.empty((len(rows), len(channels), *images.shape[2:]), dtype=dtype, device=device)
+    for start in range(0, len(unique_rows), READ_CHUNK):
+        chunk = unique_rows[start:start + READ_CHUNK]
+        lo, hi = int(chunk[0]), int(chunk[-1]) + 1
+        if hi - lo <= 2 * len(chunk):  # dense: one contiguous read beats fancy indexing
+            block = images[lo:hi][chunk - lo]
+        else:
+            block = images[chunk]
+        block = torch.from_numpy(np.ascontiguousarray(block[:, channels]))
+        a, b = bounds[start], bounds[start + len(chunk)]
+        src = torch.as_tensor(inverse[dest[a:b]] - start)
+        x[torch.as_tensor(dest[a:b], device=device)] = block[src].to(device=device, dtype=dtype)
+    return x
 
 
 def load_masks(cache_h5: str | Path, table: pd.DataFrame) -> np.ndarray:
