@@ -27,15 +27,15 @@ def nifti():
 def test_profile_runs_come_from_the_profiles_experiment(nifti):
     configs, models, values = nifti
     split = values["split"]
-    assert (split.design, split.k_folds, split.repeats) == ("cv", 5, 2)
-    assert len(configs) == 51 * 5 * 2  # 51 runs per repeat and fold
-    assert {(c.repeat, c.fold) for c in configs} == {(r, f) for r in (0, 1) for f in range(5)}
+    assert (split.design, split.k_folds, split.repeats) == ("cv", 5, 3)
+    assert len(configs) == 51 * 5 * 3  # 51 runs per repeat and fold
+    assert {(c.repeat, c.fold) for c in configs} == {(r, f) for r in (0, 1, 2) for f in range(5)}
     assert {c.epochs for c in configs} == {values["epochs"]} == {30}
     assert {c.ratio for c in configs} == {None, 8.0, 16.0}
     assert {c.batch_size for c in configs} == {values["batch_size"]} == {128}
     assert values["image_size"] == 128
     pairs = [bench.pair_of(c, models) for c in configs]
-    assert sum(m == "mobilenet_v3_small" for m, _ in pairs) == 36 * 10  # 36 of each split's 51
+    assert sum(m == "mobilenet_v3_small" for m, _ in pairs) == 36 * 15  # 36 of each split's 51
     assert ("mobilenet_v3_small", "resnet50") in pairs and ("resnet50", None) in pairs
 
 
