@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from kdlib import CLASSES
 from kdlib.data import loader
-from kdlib.train import _autocast, _prepare, batches
+from kdlib.train import _autocast, _prepare, batch_input, batches
 from kdlib.train_config import AugmentConfig
 
 
@@ -155,11 +155,7 @@ def train_group_epoch(
     losses = torch.empty((len(steps), n), device=x.device)
     bar = tqdm(steps, desc=f"epoch {epoch}", leave=False, disable=not progress)
     for step, idx in enumerate(bar, 1):
-        xb, yb = x[idx].float(), y[idx]
-        if augment is not None and augment.enabled:
-            xb = loader.augment_batch(xb, generator, augment.flip, augment.max_rotation_deg,
-                                      augment.intensity_jitter)
-        xb = _prepare(xb, channels_last)
+        xb, yb = batch_input(x, y, idx, augment, generator, channels_last)
         with _autocast(x.device, amp):
             zt: dict[int, torch.Tensor] = {}
             for t, c in zip(teachers, cached):

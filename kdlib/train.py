@@ -63,6 +63,17 @@ def _prepare(xb: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
 
 
+def batch_input(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+                augment: AugmentConfig | None, generator: torch.Generator | None,
+                channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's inputs and labels: samples `idx` of x, y as float, augmented when enabled."""
+    xb, yb = x[idx].float(), y[idx]
+    if augment is not None and augment.enabled:
+        xb = loader.augment_batch(xb, generator, augment.flip, augment.max_rotation_deg,
+                                  augment.intensity_jitter)
+    return _prepare(xb, channels_last), yb
+
+
 def batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Split an epoch's sample order into batches; a trailing batch of one sample is dropped
     (BatchNorm cannot train on it)."""
@@ -85,11 +96,7 @@ def train_step(
     The batch is augmented, the teacher (unless `teacher_logits` are given) and the student run
     under autocast to `amp`, their logits and the loss in float32; `scaler` (fp16) scales the loss.
     """
-    xb, yb = x[idx].float(), y[idx]
-    if augment is not None and augment.enabled:
-        xb = loader.augment_batch(xb, generator, augment.flip, augment.max_rotation_deg,
-                                  augment.intensity_jitter)
-    xb = _prepare(xb, channels_last)
+    xb, yb = batch_input(x, y, idx, augment, generator, channels_last)
     with _autocast(x.device, amp):
         if teacher_logits is not None:
             zt = teacher_logits[idx]

@@ -97,7 +97,7 @@ def test_smoke_chain_runs_every_notebook_and_writes_every_figure(tmp_path, monke
     answers = (figures / "answers.md").read_text()
     assert "Question 1" in answers and "Question 2" in answers
     assert "Declared family *Q1 primary*: 20 hypotheses" in answers  # smoke: 5 x 2 x 2
-    assert "5 folds x 1 repeat x 1 seed" in answers and "What the design supports" in answers
+    assert "3 folds x 1 repeat x 1 seed" in answers and "What the design supports" in answers
 
     # the experiment recorded by the runner, and the plan notebooks 02-04 used
     runs_dir = tmp_path / "runs" / "smoke"
