@@ -2,7 +2,7 @@
 
 `launch(entries, runs_dir, executor)` is a dependency-graph scheduler: a run is handed to the
 executor as soon as the plan runs it depends on (its teacher) are finished, without waiting for
-the rest of their level. Executors: local worker processes (`local_executor`: one pinned worker
+the rest of their level; with a pool of workers, the ready runs that others wait for go first. Executors: local worker processes (`local_executor`: one pinned worker
 per listed device, or N single-threaded CPU workers; long-lived, so a worker's caches serve many
 runs), this process (`InlineExecutor`), or Slurm through submitit (kdlib.slurm), whose preempted
 or timed-out jobs are requeued by `TrainTask.checkpoint` and resume from the run's checkpoint.
@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -217,14 +218,17 @@ def summary(results: Mapping[str, RunResult]) -> str:
 
 def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = None,
            devices: Sequence[str] | None = None, *, threads: int | None = None,
-           progress: bool = True, poll_s: float = 1.0, check: bool = True,
-           ) -> dict[str, RunResult]:
+           slots: int | None = None, progress: bool = True, poll_s: float = 1.0,
+           check: bool = True) -> dict[str, RunResult]:
     """Train every unfinished run of the plan `entries`, each as soon as its dependencies are
     finished; returns a RunResult per run id, in plan order.
 
     executor: anything with `submit(fn)` returning a future or a submitit job; None = a
     `local_executor(devices)` made and shut down here (devices None: `default_devices()`; empty
-    or one device: this process). check: raise RunError with the `summary` when a run failed.
+    or one device: this process). slots: at most this many runs handed over at once (default:
+    a process pool's worker count, else no limit: a cluster queues them itself); the ready runs
+    that others wait for go first, so that students become ready early. check: raise RunError
+    with the `summary` when a run failed.
     """
     entries = list(entries)
     runs_dir = Path(runs_dir)
@@ -234,8 +238,12 @@ def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = N
         devices = default_devices() if devices is None else list(devices)
         executor = local_executor(devices, threads) if devices else InlineExecutor()
     inline = isinstance(executor, InlineExecutor)
+    slots = slots or getattr(executor, "_max_workers", None)  # ProcessPoolExecutor's
+    needed_by = Counter(d for e in entries for d in e.depends_on)
+    order = {e.run_id: i for i, e in enumerate(entries)}
     results: dict[str, RunResult] = {}
     waiting = {e.run_id: e for e in entries}
+    ready: list[PlanEntry] = []
     for d in {d for e in entries for d in e.depends_on} - set(waiting):  # a teacher not given
         results[d] = RunResult(d, "done" if is_finished(runs_dir / d) else "missing")
     running: dict[Any, str] = {}
@@ -248,8 +256,7 @@ def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = N
             bar.write(f"{result.run_id}: {result.status}: {result.error}")
 
     try:
-        while waiting or running:
-            ready = []
+        while waiting or ready or running:
             for rid, e in list(waiting.items()):
                 bad = [d for d in e.depends_on if d in results
                        and results[d].status in ("failed", "skipped", "missing")]
@@ -263,15 +270,18 @@ def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = N
                         settle(RunResult(rid, "done", str(runs_dir / rid)))
                     else:
                         ready.append(e)
+            ready.sort(key=lambda e: (-needed_by[e.run_id], order[e.run_id]))
+            free = len(ready) if slots is None else max(0, slots - len(running))
+            batch, ready = ready[:free], ready[free:]
             tasks = [TrainTask(e.config.to_dict(), str(runs_dir), progress and inline,
-                               threads=threads) for e in ready]
+                               threads=threads) for e in batch]
             try:
                 jobs = _submit(executor, tasks)
             except BrokenProcessPool as err:
-                for e in ready:
+                for e in batch:
                     settle(RunResult(e.run_id, "failed", error=_error_text(err)))
                 continue
-            running.update(zip(jobs, (e.run_id for e in ready)))
+            running.update(zip(jobs, (e.run_id for e in batch)))
             if not running:
                 continue
             for job in _wait_any(running, poll_s):

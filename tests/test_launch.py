@@ -99,6 +99,28 @@ def test_a_student_is_submitted_as_soon_as_its_teacher_finishes(grid, tmp_path):
     assert {r.status for r in out["result"].values()} == {"trained"}
 
 
+def test_with_few_slots_the_runs_others_need_go_first(grid, tmp_path):
+    """Two runs at a time (a pool of two workers): teachers before the baseline, and a student
+    as soon as its teacher is done and a slot is free, while the other teacher still trains."""
+    ids = {k: rid for k, (_, rid) in grid.items()}
+    plan = make_plan([grid[k][0] for k in ("b", "s1", "s2", "t1", "t2")])
+    assert [e.run_id for e in plan][:3] == [ids["b"], ids["t1"], ids["t2"]]
+    ex = HandExecutor()
+    thread, out = in_thread(lambda: launch(plan, tmp_path, ex, slots=2, progress=False,
+                                           poll_s=0.01))
+    assert ex.wait_for(2) == [ids["t1"], ids["t2"]]  # not b: s1 and s2 wait for the teachers
+    ex.finish(ids["t2"])
+    assert ex.wait_for(3)[2] == ids["b"]  # b before s2: the plan's order among equals
+    ex.finish(ids["b"])
+    assert ex.wait_for(4)[3] == ids["s2"] and not ex.futures[ids["t1"]].done()
+    ex.finish(ids["t1"])
+    assert ex.wait_for(5)[4] == ids["s1"]
+    ex.finish(ids["s1"])
+    ex.finish(ids["s2"])
+    thread.join(30)
+    assert {r.status for r in out["result"].values()} == {"trained"}
+
+
 def test_a_failure_skips_its_dependents_only(grid, tmp_path):
     ids = {k: rid for k, (_, rid) in grid.items()}
     (tmp_path / ids["b"]).mkdir()
