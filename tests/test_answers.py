@@ -4,12 +4,10 @@ and the question 2 correlation or why there is none; every number is the tables'
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pandas as pd
 import pytest
-from helpers_eval import experiment_runs
+from helpers_eval import experiment_runs, quiet
 
 from kdlib import analysis as A
 from kdlib import answers as W
@@ -19,12 +17,6 @@ from kdlib.experiment import Experiment
 EXP = Experiment(ratios=(None, 4), grid_ratio=4)
 GAINS = {"bkd": 0.25, "kd": 0.12, "logit_adjusted": 0.05, "cnn_m->cnn_xs": 0.12,
          "cnn_s->cnn_xs": 0.08, "cnn_s->cnn_s": 0.0, "cnn_m->cnn_s": 0.03}
-
-
-def quiet(fn, *a, **k):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*a, **k)
 
 
 @pytest.fixture(scope="module")

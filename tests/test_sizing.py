@@ -3,12 +3,10 @@ differences of each primary comparison, and the family's design detects the targ
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pandas as pd
 import pytest
-from helpers_eval import experiment_runs
+from helpers_eval import experiment_runs, quiet
 
 from kdlib import analysis as A
 from kdlib import power as PW
@@ -18,12 +16,6 @@ from kdlib.errors import DataError
 from kdlib.experiment import Experiment
 
 EXP = Experiment(ratios=(None, 4), grid_ratio=4)
-
-
-def quiet(fn, *a, **k):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*a, **k)
 
 
 @pytest.fixture(scope="module")
