@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train
 
 from kdlib.criterion import build_criterion
-from kdlib.device import make_optimizer
+from kdlib.device import autocast_dtype, make_optimizer
 from kdlib.models import create_model
 from kdlib.stack import Stack, train_group_epoch
 from kdlib.stacked import fit_group, group_configs
@@ -74,7 +74,7 @@ def _timed(fn, device: str) -> float:
 
 
 def measure(name: str, n_runs: int, teacher: str | None = None, size: int = 48, batch: int = 64,
-            channels: int = 4, device: str = "cpu", amp: bool = False,
+            channels: int = 4, device: str = "cpu", amp: torch.dtype | bool | None = None,
             channels_last: bool = False, seconds: float = 2.0) -> dict[str, float]:
     """Images/s of `n_runs` runs of model `name` trained together (vmap: one vectorised
     forward/backward; loop: one after the other on the shared batch and teacher forward), and of
@@ -117,8 +117,9 @@ def measure(name: str, n_runs: int, teacher: str | None = None, size: int = 48, 
 
 def stacked_table(models: Sequence[str] = ("cnn_xs", "cnn_s"), runs: Sequence[int] = (1, 4, 8),
                   teacher: str | None = None, size: int = 48, batch: int = 64, channels: int = 4,
-                  device: str = "cpu", amp: bool = False, channels_last: bool = False,
-                  seconds: float = 2.0, repeats: int = 2) -> list[dict[str, float | str]]:
+                  device: str = "cpu", amp: torch.dtype | bool | None = None,
+                  channels_last: bool = False, seconds: float = 2.0, repeats: int = 2
+                  ) -> list[dict[str, float | str]]:
     """Rows (model, runs, vmap_img_s, loop_img_s, alone_img_s), each figure the best of `repeats`
     measurements (alone: of all the model's measurements, since it does not depend on the number
     of runs); what bench_cuda.py prints for a GPU."""
@@ -195,8 +196,9 @@ def main() -> None:
     clock = "wall time" if gpu else "process CPU time"
     print(f"device {args.device}, {torch.get_num_threads()} torch thread(s), {args.size} px, "
           f"4 channels, batch {args.batch}, augmentation on, teacher {args.teacher}, {clock}")
+    amp = autocast_dtype(torch.device(args.device))  # fit's: bf16 or fp16 on a GPU, None on a CPU
     print_table(stacked_table(args.models, args.runs, args.teacher, args.size, args.batch, 4,
-                              args.device, gpu, gpu, args.seconds, args.repeats))
+                              args.device, amp, gpu, args.seconds, args.repeats))
     if args.end_to_end:
         r = end_to_end(args.device)
         print(f"\ndemo runs of fold 0 at ratio 4: {r['runs']:.0f} runs in {r['groups']:.0f} groups")

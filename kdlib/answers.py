@@ -194,6 +194,10 @@ def design_support(effects: pd.DataFrame, design: Mapping, target: float, alpha:
            "all runs share one fixed test set, so the conclusions speak for new patients only as "
            "far as that test set represents them")
     n_sig = int((fam["p_holm"] < alpha).sum()) if len(fam) else 0
+    verb = "is a supported claim" if n_sig == 1 else "are supported claims"
+    claims = (f"So the family's {plural(n_sig, 'rejection')} {verb}." if n_sig else
+              "No hypothesis of the family is rejected, which by itself does not show that there "
+              "is no effect.")
     return (f"With {design_phrase(design['k'], design['r'], design['s'])} ({how}), the per-split "
             f"SD of the primary differences is {design['sd']:.3f} (root mean square over the "
             f"family). In one test at alpha = {alpha:g} this design detects a gain of "
@@ -201,8 +205,8 @@ def design_support(effects: pd.DataFrame, design: Mapping, target: float, alpha:
             f"{_needed(design, 'needed', target, power)}. At Holm's first step "
             f"(alpha/{design['m']}) it detects {design['mdg_family']:.3f}; "
             f"{_needed(design, 'needed_family', target, power)}. "
-            f"So the {n_sig} rejection(s) in the family are supported claims; a 'no detectable "
-            f"difference' says little about gains smaller than about {design['mdg_family']:.3f} "
+            f"{claims} A 'no detectable difference' says little about gains smaller than about "
+            f"{design['mdg_family']:.3f} "
             f"(the design misses them more than {1 - power:.0%} of the time), and only a Bayesian "
             "P(equivalent) > 0.95 supports 'no practical difference'. Exploratory rows suggest "
             "what to test next; they are not conclusions.")

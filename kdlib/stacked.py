@@ -14,6 +14,7 @@ a plan into such groups.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -41,6 +42,7 @@ from kdlib.device import (
 )
 from kdlib.errors import ConfigError, DataError, RunError
 from kdlib.identity import EXECUTION_SETTINGS, config_identity, run_id
+from kdlib.lock import run_lock
 from kdlib.predictions import predictions_frame, validation_scores
 from kdlib.stack import Stack, detach_from_stack, stack_problem, train_group_epoch
 from kdlib.teachers import build_model, load_teacher
@@ -187,8 +189,9 @@ def fit_group(cfgs: Sequence[TrainConfig | dict | str | Path], runs_dir: str | P
     whose loss became non-finite, after the others are finished. vectorise: one vmapped
     forward/backward for all runs (default: on CUDA only). Models that draw random numbers in
     training, or that vmap cannot run when vectorised (see `kdlib.stack.stack_problem`), are
-    trained one by one with `fit`, said in a log line. history.csv's time_s is the group's epoch
-    time divided by its runs (their sum is the time spent).
+    trained one by one with `fit`, said in a log line. Training holds every run's lock, as `fit`
+    does (kdlib.lock). history.csv's time_s is the group's epoch time divided by its runs (their
+    sum is the time spent).
     """
     cfgs = [load_train_config(c) for c in cfgs]
     if not cfgs:
@@ -204,10 +207,20 @@ def fit_group(cfgs: Sequence[TrainConfig | dict | str | Path], runs_dir: str | P
     vectorise = device.type == "cuda" if vectorise is None else vectorise
     with determinism(todo[0].deterministic, device):  # restores the process's switches
         try:
-            _fit_stacked(todo, runs_dir, device, progress, vectorise)
-            return [runs_dir / rid for rid in ids]
+            with contextlib.ExitStack() as locks:  # fit's run locks, in one order: no deadlock
+                for rid in sorted(run_id(c) for c in todo):
+                    locks.enter_context(run_lock(runs_dir, rid))
+                todo = [c for c in todo if not _runs.is_finished(runs_dir / run_id(c))]
+                problem = _fit_stacked(todo, runs_dir, device, progress, vectorise) if todo else None
         except torch.cuda.OutOfMemoryError as err:
             oom = str(err).splitlines()[0] if str(err) else "out of memory"
+        else:
+            if problem:  # fit takes the locks again
+                log.warning("%d run(s) of %s cannot be trained together: %s; training them one "
+                            "by one with kdlib.train.fit", len(todo), todo[0].model, problem)
+                for c in todo:
+                    fit(c, runs_dir, progress)
+            return [runs_dir / rid for rid in ids]
     free_memory(device)
     raise RunError(f"{len(todo)} run(s) of {todo[0].model} trained together ran out of memory on "
                    f"{device} at batch_size={todo[0].batch_size}: {oom}; train fewer runs "
@@ -261,7 +274,8 @@ def _setup(m: _Member, counts: list[int], steps: int, data: dict[str, Any],
 
 
 def _fit_stacked(cfgs: list[TrainConfig], runs_dir: Path, device: torch.device,
-                 progress: bool, vectorise: bool) -> None:
+                 progress: bool, vectorise: bool) -> str | None:
+    """Train the group; or return why it cannot be trained together (nothing written then)."""
     cuda, cfg = device.type == "cuda", cfgs[0]
     members = [_member(c, runs_dir, device) for c in cfgs]
     data = fold_data(cfg, device)
@@ -270,11 +284,7 @@ def _fit_stacked(cfgs: list[TrainConfig], runs_dir: Path, device: torch.device,
     if problem is None and len(x_train) > 1:
         problem = stack_problem(members[0].model, x_train, vectorise)
     if problem:
-        log.warning("%d run(s) of %s cannot be trained together: %s; training them one by one "
-                    "with kdlib.train.fit", len(cfgs), cfg.model, problem)
-        for c in cfgs:
-            fit(c, runs_dir, progress)
-        return
+        return problem
     counts = loader.class_counts(y_train)
     if min(counts) == 0:
         raise DataError(f"the training set of fold {cfg.fold} (ratio {cfg.ratio}) has no slice "
@@ -303,7 +313,7 @@ def _fit_stacked(cfgs: list[TrainConfig], runs_dir: Path, device: torch.device,
     live = [m for m in members if not m.done]
     failed: list[str] = []
     if not live:
-        return
+        return None
     start = min(live, key=lambda m: m.state["epoch"])
     if start.rng is not None:
         _set_rng_states(start.rng, gens, device)
@@ -351,6 +361,7 @@ def _fit_stacked(cfgs: list[TrainConfig], runs_dir: Path, device: torch.device,
     if failed:
         raise RunError(f"{len(failed)} of {len(members)} run(s) trained together failed (the "
                        "others are finished): " + " | ".join(failed))
+    return None
 
 
 def _check_joins(m: _Member, gens: dict[str, torch.Generator], epoch: int) -> None:

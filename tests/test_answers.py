@@ -120,7 +120,11 @@ def test_design_support_quotes_the_power_section(tables):
     if design["needed"]:
         assert f"needs {design['needed']} ({design['needed_runs']} training runs)" in text
     n_sig = int((effects.loc[effects["family"] == A.PRIMARY, "p_holm"] < 0.05).sum())
-    assert f"So the {n_sig} rejection(s) in the family" in text
+    verb = "is a supported claim" if n_sig == 1 else "are supported claims"
+    assert (f"So the family's {W.plural(n_sig, 'rejection')} {verb}." in text
+            if n_sig else "No hypothesis of the family is rejected" in text)
+    none = effects.assign(p_holm=1.0)
+    assert "No hypothesis of the family is rejected" in W.design_support(none, design, 0.05)
     holdout = W.design_support(effects, design, 0.05, split_design="holdout")
     assert "share one fixed test set" in holdout
     assert W.design_support(effects, {"sd": None, "reason": "why"}, 0.05).endswith("why.")

@@ -16,6 +16,7 @@ import kdlib.train
 from kdlib import CLASSES
 from kdlib.errors import ConfigError, RunError
 from kdlib.identity import run_id
+from kdlib.lock import run_lock
 from kdlib.results import load_history, load_predictions, load_runs
 from kdlib.runs import RUN_FILES
 from kdlib.stacked import fit_group, group_configs
@@ -244,6 +245,15 @@ def test_models_with_dropout_fall_back_to_fit_one_by_one(data, tmp_path, caplog,
     assert "one by one" in caplog.text
     for p, c in zip(paths, cfgs):
         _same_run(p, fit(c, tmp_path / "alone", progress=False))
+
+
+def test_a_run_another_process_trains_is_not_trained_twice(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDLIB_LOCK_WAIT_S", "0.3")
+    cfgs = [tiny_config(*data), tiny_config(*data, task_loss="focal")]
+    busy = run_id(load_train_config(cfgs[1]))
+    with run_lock(tmp_path, busy), pytest.raises(RunError, match=busy):
+        fit_group(cfgs, tmp_path, progress=False)
+    assert not list(tmp_path.glob(".tmp-*"))  # nothing started
 
 
 def test_compiled_runs_are_trained_one_by_one(data, tmp_path, monkeypatch, caplog):
