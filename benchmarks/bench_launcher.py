@@ -5,17 +5,24 @@ finished), on the same kind of local worker processes. Prints, for each, the wal
 idle worker-seconds (workers x wall time minus the time the workers spent in runs: start-up,
 and the waits the level barrier adds).
 
-    python benchmarks/bench_launcher.py [--profile smoke] [--workers 2] [--folds 3] [-p epochs=3]
+    python benchmarks/bench_launcher.py [--profile smoke] [--workers 2] [--folds 3] [--repeats 3]
+                                        [-p epochs=3]
+    # the demo's data and experiment (its runs last 5-30 s, where the barrier costs most):
+    python benchmarks/bench_launcher.py --profile demo --subjects 40 --shape 96 96 64 \
+        --image-size 48 --repeats 3
 
 The data is a small synthetic dataset written under a temporary KDLIB_HOME; the plan is the
 profile's experiment (with `-p` overrides of its settings) on --folds cross-validation folds. Measure on a quiet machine: other load
-stretches both wall times and hides the difference.
+stretches both wall times and hides the difference (on this project's shared 2-core machine,
+back-to-back runs of the same order differed by up to 2x); --repeats alternates the order and
+prints the median of each.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -75,12 +82,16 @@ def main() -> None:
                    help="override an experiment setting, e.g. -p epochs=1 -p 'ratios=[4]'")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds (default 3)")
     p.add_argument("--subjects", type=int, default=12, help="synthetic subjects per grade")
+    p.add_argument("--shape", type=int, nargs=3, default=[64, 64, 40], help="volume shape")
+    p.add_argument("--image-size", type=int, default=32, help="slice size in the cache")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure each order this many times, alternating which goes first")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as home:
         os.environ["KDLIB_HOME"] = home
         get_dataset("bench", phantom={"n_hgg": args.subjects, "n_lgg": args.subjects,
-                                      "shape": (64, 64, 40)}, progress=False)
-        build_cache("bench", {"image_size": 32}, progress=False)
+                                      "shape": tuple(args.shape)}, progress=False)
+        build_cache("bench", {"image_size": args.image_size}, progress=False)
         build_splits("bench", {"k_folds": args.folds})
         exp = Experiment.from_profile(args.profile, parse_overrides(args.param))
         entries = make_plan(exp.configs(**data_settings("bench"), **split_folds("bench")))
@@ -88,10 +99,16 @@ def main() -> None:
         print(f"plan: {len(entries)} runs ({' then '.join(map(str, levels))} by level), "
               f"{exp.epochs} epochs, {args.workers} CPU workers of 1 thread, "
               f"{os.cpu_count()} cores")
-        old = measure("level by level (old)", launch_by_level, entries, Path(home) / "a",
-                      args.workers)
-        new = measure("dependency graph", by_graph, entries, Path(home) / "b", args.workers)
-        print(f"dependency graph / level by level: {new / old:.2f} of the wall time")
+        walls: dict[str, list[float]] = {"level": [], "graph": []}
+        for i in range(args.repeats):
+            pair = [("level", "level by level (old)", launch_by_level),
+                    ("graph", "dependency graph", by_graph)]
+            for key, name, fn in pair[::-1] if i % 2 else pair:
+                walls[key].append(measure(name, fn, entries, Path(home) / f"{key}{i}",
+                                          args.workers))
+        old, new = statistics.median(walls["level"]), statistics.median(walls["graph"])
+        print(f"median wall: level by level {old:.1f} s, dependency graph {new:.1f} s "
+              f"({new / old:.2f} of it, {args.repeats} repeat(s))")
 
 
 if __name__ == "__main__":

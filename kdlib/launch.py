@@ -226,8 +226,9 @@ def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = N
     executor: anything with `submit(fn)` returning a future or a submitit job; None = a
     `local_executor(devices)` made and shut down here (devices None: `default_devices()`; empty
     or one device: this process). slots: at most this many runs handed over at once (default:
-    a process pool's worker count, else no limit: a cluster queues them itself); the ready runs
-    that others wait for go first, so that students become ready early. check: raise RunError
+    twice a process pool's workers, one queued behind each so that none waits for this loop;
+    else no limit: a cluster queues them itself); the ready runs that others wait for go first,
+    so that students become ready early. check: raise RunError
     with the `summary` when a run failed.
     """
     entries = list(entries)
@@ -238,7 +239,8 @@ def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = N
         devices = default_devices() if devices is None else list(devices)
         executor = local_executor(devices, threads) if devices else InlineExecutor()
     inline = isinstance(executor, InlineExecutor)
-    slots = slots or getattr(executor, "_max_workers", None)  # ProcessPoolExecutor's
+    workers = getattr(executor, "_max_workers", None)  # a ProcessPoolExecutor's
+    slots = slots or (2 * workers if workers else None)
     needed_by = Counter(d for e in entries for d in e.depends_on)
     order = {e.run_id: i for i, e in enumerate(entries)}
     results: dict[str, RunResult] = {}
