@@ -15,7 +15,7 @@ from kdlib.data.phantom import PhantomConfig
 from kdlib.data.phantom_files import make_phantom
 from kdlib.data.splits import load_splits, split_table
 from kdlib.data.subjects import reader_notes
-from kdlib.device import grid_devices
+from kdlib.device import GROUP_SIZE, grid_devices
 from kdlib.errors import ConfigError, KdlibError
 from kdlib.experiment import Experiment, plan_path, profile_plan, record_experiment
 from kdlib.grid import load_grid, run_grid
@@ -120,12 +120,13 @@ def _launch(args: argparse.Namespace) -> None:
         settings = _slurm_settings(args)
         executor = slurm_executor(runs_dir / "slurm" / "submitit", settings, f"kdlib-{name}")
         results = launch(entries, runs_dir, executor, threads=settings.cpus_per_task,
-                         poll_s=args.poll, check=False)
+                         group=args.group, poll_s=args.poll, check=False)
     else:
         workers = args.workers or load_profile(args.profile)["parameters"].get("workers", 1)
         devices = args.devices or grid_devices(args.device, workers, args.runs_per_device,
-                                               configs=[e.config for e in entries])
-        results = launch(entries, runs_dir, devices=devices, check=False)
+                                               configs=[e.config for e in entries],
+                                               group=args.group)
+        results = launch(entries, runs_dir, devices=devices, group=args.group, check=False)
     print(summary(results))
     if any(r.status in ("failed", "skipped") for r in results.values()):
         raise KdlibError("some runs failed (listed above); fix the cause and run the same "
@@ -262,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "runs/<profile>/.")
     profile_args(q)
     q.add_argument("--executor", choices=["local", "slurm"], default="local")
+    q.add_argument("--group", type=int, default=GROUP_SIZE,
+                   help="train at most this many runs that share their data (one student on one "
+                        "fold, ratio and seed) together in one task, one batch and one teacher "
+                        "pass for all (default %(default)s; 1: each run alone)")
     g = q.add_argument_group("local executor")
     g.add_argument("--devices", nargs="+", default=None,
                    help="one worker process per entry, e.g. cuda:0 cuda:1 (a device listed twice "

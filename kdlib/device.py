@@ -42,6 +42,10 @@ MAX_RUNS_PER_DEVICE = 4
 the GPU; beyond that they only add memory. benchmarks/gpu_check.py measures 1, 2 and 4."""
 CUDA_CONTEXT_BYTES = 600 * 2**20
 """GPU memory a process holds before its first tensor (CUDA context, cuDNN and cuBLAS handles)."""
+GROUP_SIZE = 8
+"""Default of the launcher's `group`: at most this many runs that share their data are trained
+together in one task (kdlib.stacked.fit_group); on a GPU each worker then holds up to this many
+runs' activations, which `grid_devices` counts."""
 MEMORY_RESERVE = 0.1
 """Fraction of a GPU's total memory left free when choosing runs per device."""
 ACTIVATION_SLACK = 1.25
@@ -219,13 +223,14 @@ def _teacher_models(configs: Sequence[Any]) -> dict[str, str]:
 
 
 def grid_devices(device: str = "auto", workers: int = 1, runs_per_device: int | None = None,
-                 configs: Sequence[Any] = ()) -> list[str] | None:
+                 configs: Sequence[Any] = (), group: int = GROUP_SIZE) -> list[str] | None:
     """The `devices` of the grid launcher; a device listed n times trains n runs at once.
 
     CPU (device cpu, or auto without CUDA): `workers` single-threaded processes (small CNNs train
     faster that way than in one multi-threaded process), or None for one in-process run at a
     time. CUDA: every GPU (auto, cuda) or the one named (cuda:N), each listed `runs_per_device`
-    times; by default `default_runs_per_device` for that GPU and the largest run of `configs`.
+    times; by default `default_runs_per_device` for that GPU and `group` times the largest run
+    of `configs` (the launcher trains up to `group` runs together in one worker).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers={workers!r} must be an integer >= 1")
@@ -244,8 +249,8 @@ def grid_devices(device: str = "auto", workers: int = 1, runs_per_device: int | 
     footprint = None
     if runs_per_device is None and configs:
         teachers = _teacher_models(configs)
-        footprint = max(config_footprint(c, teachers.get(Path(c.teacher).name) if c.teacher
-                                         else None) for c in configs)
+        footprint = group * max(config_footprint(c, teachers.get(Path(c.teacher).name)
+                                                 if c.teacher else None) for c in configs)
     out: list[str] = []
     for gpu in gpus:
         n = runs_per_device or default_runs_per_device(torch.device(gpu), footprint, len(gpus))

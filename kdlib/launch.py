@@ -2,7 +2,9 @@
 
 `launch(entries, runs_dir, executor)` is a dependency-graph scheduler: a run is handed to the
 executor as soon as the plan runs it depends on (its teacher) are finished, without waiting for
-the rest of their level; with a pool of workers, the ready runs that others wait for go first. Executors: local worker processes (`local_executor`: one pinned worker
+the rest of their level; with a pool of workers, the ready runs that others wait for go first.
+Runs that share their data (the baselines and distillers of one student on one fold) are trained
+together in one task (`kdlib.stacked.fit_group`: one batch and one teacher pass for all). Executors: local worker processes (`local_executor`: one pinned worker
 per listed device, or N single-threaded CPU workers; long-lived, so a worker's caches serve many
 runs), this process (`InlineExecutor`), or Slurm through submitit (kdlib.slurm), whose preempted
 or timed-out jobs are requeued by `TrainTask.checkpoint` and resume from the run's checkpoint.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import logging
 import multiprocessing
 import os
 import socket
@@ -28,10 +31,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kdlib.errors import RunError
+from kdlib.device import GROUP_SIZE
+from kdlib.errors import ConfigError, RunError
 from kdlib.identity import run_id
 from kdlib.plan import PlanEntry, make_plan
 from kdlib.runs import is_finished
+from kdlib.stacked import fit_group, group_configs
 from kdlib.train import fit
 from kdlib.train_config import TrainConfig, load_train_config
 
@@ -40,6 +45,7 @@ try:  # optional: pip install kdlib[cluster]
 except ImportError:  # pragma: no cover - exercised only without the extra
     DelayedSubmission = None
 
+log = logging.getLogger(__name__)
 _WORKER: dict[str, Any] = {"device": None}
 WHY_NOT = {"failed": "failed", "skipped": "was skipped",
            "missing": "is neither in this launch nor finished"}  # set once per local worker process by _init_worker
@@ -74,29 +80,73 @@ class TrainTask:
     threads: int | None = None
 
     def __call__(self) -> RunResult:
-        started = time.time()
-        worker = f"{socket.gethostname()}:{os.getpid()}"
-        rid = "?"
+        started, worker, rid = time.time(), _worker_name(), "?"
         try:
-            cfg = TrainConfig.from_dict(self.config)
+            cfg = _configured(self.config, self.device, self.threads)
             rid = run_id(cfg)
-            device = self.device or _WORKER["device"]
-            if device:
-                cfg = dataclasses.replace(cfg, device=device)
-            if self.threads:
-                torch.set_num_threads(self.threads)
             path = fit(cfg, self.runs_dir, progress=self.progress)
         except Exception as err:  # noqa: BLE001 - reported as this run's failure, the rest go on
-            if torch.cuda.is_initialized():
-                torch.cuda.empty_cache()  # e.g. after out of memory: the next run starts clean
-            return RunResult(rid, "failed", None, f"{type(err).__name__}: {err}", started,
-                             time.time(), worker)
+            return RunResult(rid, "failed", None, _failure(err), started, time.time(), worker)
         return RunResult(rid, "trained", str(path), None, started, time.time(), worker)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit calls this when the job is preempted or near its time limit: requeue the same
         task, which resumes from the run's last epoch checkpoint."""
         return DelayedSubmission(self, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class GroupTask:
+    """Runs that share their data trained together (`kdlib.stacked.fit_group`) as a picklable
+    callable; one RunResult per run, in the order of `configs`. Should the group fail (a run's
+    teacher missing, out of memory, a loss gone non-finite), each unfinished run is trained
+    alone, as a TrainTask, so that a failure is only that run's."""
+
+    configs: tuple[dict[str, Any], ...]
+    runs_dir: str
+    progress: bool = False
+    device: str | None = None
+    threads: int | None = None
+
+    def __call__(self) -> list[RunResult]:
+        started, worker = time.time(), _worker_name()
+        try:
+            cfgs = [_configured(c, self.device, self.threads) for c in self.configs]
+            paths = fit_group(cfgs, self.runs_dir, progress=self.progress)
+        except Exception as err:  # noqa: BLE001 - then each run alone, with its own outcome
+            log.warning("%d runs trained together failed (%s); training each alone",
+                        len(self.configs), _failure(err))
+            return [TrainTask(c, self.runs_dir, self.progress, self.device, self.threads)()
+                    for c in self.configs]
+        ended = time.time()
+        return [RunResult(run_id(c), "trained", str(p), None, started, ended, worker)
+                for c, p in zip(cfgs, paths)]
+
+    checkpoint = TrainTask.checkpoint
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _configured(config: dict[str, Any], device: str | None, threads: int | None) -> TrainConfig:
+    """A task's TrainConfig on its device (None: the worker's pinned one, else the config's),
+    with this process's torch threads set to `threads` (None: left as they are)."""
+    cfg = TrainConfig.from_dict(config)
+    device = device or _WORKER["device"]
+    if device:
+        cfg = dataclasses.replace(cfg, device=device)
+    if threads:
+        torch.set_num_threads(threads)
+    return cfg
+
+
+def _failure(err: BaseException) -> str:
+    """A failed task's error text; frees the CUDA cache (e.g. after out of memory) so that the
+    worker's next task starts clean."""
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    return f"{type(err).__name__}: {err}"
 
 
 class InlineExecutor(cf.Executor):
@@ -155,7 +205,7 @@ class _InlineOn(InlineExecutor):
         self.device = device
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
-        if isinstance(fn, TrainTask) and fn.device is None:
+        if isinstance(fn, (TrainTask, GroupTask)) and fn.device is None:
             fn = dataclasses.replace(fn, device=self.device)
         return super().submit(fn, *args, **kwargs)
 
@@ -174,17 +224,19 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[-1] if lines else ''}"
 
 
-def _outcome(job: Any, rid: str) -> RunResult:
+def _outcomes(job: Any, rids: list[str]) -> list[RunResult]:
+    """The RunResults of a finished job that trained the runs `rids` (all failed if it died)."""
     try:
         result = job.result()
     except Exception as err:  # noqa: BLE001 - a job that died or was cancelled
         stderr = getattr(getattr(job, "paths", None), "stderr", None)
         text = _error_text(err) + (f" (log: {stderr})" if stderr else "")
-        return RunResult(rid, "failed", error=text, ended=time.time())
-    if not isinstance(result, RunResult):
-        raise RunError(f"run {rid}: the executor returned {type(result).__name__}, not a "
-                       "RunResult; submit kdlib.launch.TrainTask objects")
-    return dataclasses.replace(result, run_id=rid)
+        return [RunResult(rid, "failed", error=text, ended=time.time()) for rid in rids]
+    results = result if isinstance(result, list) else [result]
+    if len(results) != len(rids) or not all(isinstance(r, RunResult) for r in results):
+        raise RunError(f"runs {rids}: the executor returned {result!r:.200}, not one RunResult "
+                       "per run; submit kdlib.launch.TrainTask or GroupTask objects")
+    return [dataclasses.replace(r, run_id=rid) for r, rid in zip(results, rids)]
 
 
 def _wait_any(running: dict[Any, str], poll_s: float) -> list[Any]:
@@ -199,11 +251,26 @@ def _wait_any(running: dict[Any, str], poll_s: float) -> list[Any]:
         time.sleep(poll_s)
 
 
-def _submit(executor: Any, tasks: list[TrainTask]) -> list[Any]:
+def _submit(executor: Any, tasks: list[TrainTask | GroupTask]) -> list[Any]:
     """Submit tasks; a submitit executor gets them as one job array."""
     if len(tasks) > 1 and hasattr(executor, "submit_array"):
         return list(executor.submit_array(tasks))
     return [executor.submit(t) for t in tasks]
+
+
+def _units(entries: list[PlanEntry], runs_dir: Path, group: int) -> list[list[PlanEntry]]:
+    """The plan cut into what one task trains, in plan order: with group > 1, the unfinished
+    runs that can share their data in groups of at most `group` (kdlib.stacked.group_configs),
+    every other run alone."""
+    todo = [e for e in entries if not is_finished(runs_dir / e.run_id)]
+    if group <= 1 or len(todo) < 2:
+        return [[e] for e in entries]
+    by_id = {e.run_id: e for e in todo}
+    units = [[by_id[run_id(c)] for c in g] for g in group_configs([e.config for e in todo], group)]
+    grouped = {e.run_id for u in units for e in u}
+    first = {e.run_id: i for i, e in enumerate(entries)}
+    units += [[e] for e in entries if e.run_id not in grouped]
+    return sorted(units, key=lambda u: min(first[e.run_id] for e in u))
 
 
 def summary(results: Mapping[str, RunResult]) -> str:
@@ -218,22 +285,27 @@ def summary(results: Mapping[str, RunResult]) -> str:
 
 def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = None,
            devices: Sequence[str] | None = None, *, threads: int | None = None,
-           slots: int | None = None, progress: bool = True, poll_s: float = 1.0,
-           check: bool = True) -> dict[str, RunResult]:
+           slots: int | None = None, group: int = GROUP_SIZE, progress: bool = True,
+           poll_s: float = 1.0, check: bool = True) -> dict[str, RunResult]:
     """Train every unfinished run of the plan `entries`, each as soon as its dependencies are
     finished; returns a RunResult per run id, in plan order.
 
     executor: anything with `submit(fn)` returning a future or a submitit job; None = a
     `local_executor(devices)` made and shut down here (devices None: `default_devices()`; empty
-    or one device: this process). slots: at most this many runs handed over at once (default:
-    twice a process pool's workers, one queued behind each so that none waits for this loop;
-    else no limit: a cluster queues them itself); the ready runs that others wait for go first,
-    so that students become ready early. check: raise RunError
-    with the `summary` when a run failed.
+    or one device: this process). group: runs that share their data (one student architecture
+    on one fold, ratio and seed: baselines and distillers) are trained together, at most this
+    many per task, by `kdlib.stacked.fit_group` (a GroupTask; the same numbers as alone, see
+    there); 1 trains each run alone (a TrainTask). A group starts when all its members' teachers
+    are finished. slots: at most this many tasks handed over at once (default: twice a process
+    pool's workers, one queued behind each so that none waits for this loop; else no limit: a
+    cluster queues them itself); the ready tasks that others wait for go first, so that students
+    become ready early. check: raise RunError with the `summary` when a run failed.
     """
     entries = list(entries)
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ConfigError(f"group={group!r} must be a whole number >= 1 (1: each run alone)")
     own = executor is None
     if own:
         devices = default_devices() if devices is None else list(devices)
@@ -244,11 +316,11 @@ def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = N
     needed_by = Counter(d for e in entries for d in e.depends_on)
     order = {e.run_id: i for i, e in enumerate(entries)}
     results: dict[str, RunResult] = {}
-    waiting = {e.run_id: e for e in entries}
-    ready: list[PlanEntry] = []
-    for d in {d for e in entries for d in e.depends_on} - set(waiting):  # a teacher not given
+    waiting = dict(enumerate(_units(entries, runs_dir, group)))
+    ready: list[list[PlanEntry]] = []
+    for d in {d for e in entries for d in e.depends_on} - set(order):  # a teacher not given
         results[d] = RunResult(d, "done" if is_finished(runs_dir / d) else "missing")
-    running: dict[Any, str] = {}
+    running: dict[Any, list[str]] = {}
     bar = tqdm(total=len(entries), desc="runs", unit="run", disable=not progress)
 
     def settle(result: RunResult) -> None:
@@ -257,37 +329,42 @@ def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = N
         if result.status in ("failed", "skipped"):
             bar.write(f"{result.run_id}: {result.status}: {result.error}")
 
+    def priority(unit: list[PlanEntry]) -> tuple[int, int]:
+        return -sum(needed_by[e.run_id] for e in unit), min(order[e.run_id] for e in unit)
+
     try:
         while waiting or ready or running:
-            for rid, e in list(waiting.items()):
-                bad = [d for d in e.depends_on if d in results
-                       and results[d].status in ("failed", "skipped", "missing")]
-                if bad:
-                    del waiting[rid]
-                    settle(RunResult(rid, "skipped", error=f"needs run {bad[0]}, which "
-                                     f"{WHY_NOT[results[bad[0]].status]}"))
-                elif all(d in results for d in e.depends_on):
-                    del waiting[rid]
-                    if is_finished(runs_dir / rid):
-                        settle(RunResult(rid, "done", str(runs_dir / rid)))
-                    else:
-                        ready.append(e)
-            ready.sort(key=lambda e: (-needed_by[e.run_id], order[e.run_id]))
+            for key, unit in list(waiting.items()):
+                for e in list(unit):
+                    bad = [d for d in e.depends_on if d in results
+                           and results[d].status in ("failed", "skipped", "missing")]
+                    if bad:
+                        unit.remove(e)
+                        settle(RunResult(e.run_id, "skipped", error=f"needs run {bad[0]}, "
+                                         f"which {WHY_NOT[results[bad[0]].status]}"))
+                if all(d in results for e in unit for d in e.depends_on):
+                    del waiting[key]
+                    for e in [e for e in unit if is_finished(runs_dir / e.run_id)]:
+                        unit.remove(e)
+                        settle(RunResult(e.run_id, "done", str(runs_dir / e.run_id)))
+                    if unit:
+                        ready.append(unit)
+            ready.sort(key=priority)
             free = len(ready) if slots is None else max(0, slots - len(running))
             batch, ready = ready[:free], ready[free:]
-            tasks = [TrainTask(e.config.to_dict(), str(runs_dir), progress and inline,
-                               threads=threads) for e in batch]
+            tasks = [_task(unit, runs_dir, progress and inline, threads) for unit in batch]
             try:
                 jobs = _submit(executor, tasks)
             except BrokenProcessPool as err:
-                for e in batch:
+                for e in (e for unit in batch for e in unit):
                     settle(RunResult(e.run_id, "failed", error=_error_text(err)))
                 continue
-            running.update(zip(jobs, (e.run_id for e in batch)))
+            running.update(zip(jobs, ([e.run_id for e in unit] for unit in batch)))
             if not running:
                 continue
             for job in _wait_any(running, poll_s):
-                settle(_outcome(job, running.pop(job)))
+                for result in _outcomes(job, running.pop(job)):
+                    settle(result)
     except BaseException:
         if own:
             _stop(executor)
@@ -300,6 +377,15 @@ def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = N
     if check and any(r.status in ("failed", "skipped") for r in results.values()):
         raise RunError(summary(results))
     return results
+
+
+def _task(unit: list[PlanEntry], runs_dir: Path, progress: bool, threads: int | None
+          ) -> TrainTask | GroupTask:
+    """A TrainTask for one run, a GroupTask for several."""
+    if len(unit) == 1:
+        return TrainTask(unit[0].config.to_dict(), str(runs_dir), progress, threads=threads)
+    return GroupTask(tuple(e.config.to_dict() for e in unit), str(runs_dir), progress,
+                     threads=threads)
 
 
 def _stop(executor: cf.Executor) -> None:

@@ -92,9 +92,13 @@ def test_grid_devices_default_is_per_device_from_the_largest_run(gpus, tmp_path)
     assert footprint > 1.6 * D.config_footprint(small)
     free = (8.0 + 2.5 * footprint / GiB, 8.0 + 1.5 * footprint / GiB)  # 8 GiB is the reserve
     gpus(*free)
-    assert D.grid_devices("auto", configs=[small, big]) == ["cuda:0"] * 2 + ["cuda:1"]
-    assert D.grid_devices("auto", configs=[small]) == ["cuda:0"] * 4 + ["cuda:1"] * 2
+    assert D.grid_devices("auto", configs=[small, big], group=1) == ["cuda:0"] * 2 + ["cuda:1"]
+    assert D.grid_devices("auto", configs=[small], group=1) == ["cuda:0"] * 4 + ["cuda:1"] * 2
     assert D.grid_devices("auto", runs_per_device=1, configs=[small, big]) == ["cuda:0", "cuda:1"]
+    # each worker trains up to `group` runs together: room for their activations and data
+    gpus(8.0 + 2.5 * footprint / GiB * 2, 8.0 + 1.5 * footprint / GiB * 2)
+    assert D.grid_devices("auto", configs=[small, big], group=2) == ["cuda:0"] * 2 + ["cuda:1"]
+    assert D.grid_devices("auto", configs=[big]) == ["cuda:0", "cuda:1"]  # 8 runs: 1 per GPU
 
 
 def test_run_footprint_adds_its_parts(tmp_path):

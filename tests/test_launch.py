@@ -20,10 +20,10 @@ import torch
 from helpers_train import tiny_config, tiny_train_data
 
 from kdlib import launch as L
-from kdlib.errors import RunError
+from kdlib.errors import ConfigError, RunError
 from kdlib.experiment import Experiment
 from kdlib.identity import run_id
-from kdlib.launch import RunResult, TrainTask, launch, summary
+from kdlib.launch import GroupTask, RunResult, TrainTask, launch, summary
 from kdlib.plan import make_plan
 from kdlib.results import load_history, load_metrics
 from kdlib.train import TrainConfig, fit
@@ -43,8 +43,9 @@ class HandExecutor:
         self.futures: dict[str, cf.Future] = {}
         self.cond = threading.Condition()
 
-    def submit(self, task: TrainTask) -> cf.Future:
-        rid = run_id(TrainConfig.from_dict(task.config))
+    def submit(self, task: TrainTask | GroupTask) -> cf.Future:
+        configs = task.configs if isinstance(task, GroupTask) else [task.config]
+        rid = "+".join(run_id(TrainConfig.from_dict(c)) for c in configs)
         with self.cond:
             self.submitted.append(rid)
             self.futures[rid] = cf.Future()
@@ -84,7 +85,8 @@ def test_a_student_is_submitted_as_soon_as_its_teacher_finishes(grid, tmp_path):
     ids = {k: rid for k, (_, rid) in grid.items()}
     plan = make_plan([grid[k][0] for k in ("s1", "s2", "t1", "t2", "b")])
     ex = HandExecutor()
-    thread, out = in_thread(lambda: launch(plan, tmp_path, ex, progress=False, poll_s=0.01))
+    thread, out = in_thread(lambda: launch(plan, tmp_path, ex, group=1, progress=False,
+                                           poll_s=0.01))
     assert ex.wait_for(3) == [ids["t1"], ids["t2"], ids["b"]]  # every run without a teacher
     ex.finish(ids["t2"])
     # s2 goes while t1 still trains: no barrier at the end of the teachers' level
@@ -106,7 +108,7 @@ def test_with_few_slots_the_runs_others_need_go_first(grid, tmp_path):
     plan = make_plan([grid[k][0] for k in ("b", "s1", "s2", "t1", "t2")])
     assert [e.run_id for e in plan][:3] == [ids["b"], ids["t1"], ids["t2"]]
     ex = HandExecutor()
-    thread, out = in_thread(lambda: launch(plan, tmp_path, ex, slots=2, progress=False,
+    thread, out = in_thread(lambda: launch(plan, tmp_path, ex, slots=2, group=1, progress=False,
                                            poll_s=0.01))
     assert ex.wait_for(2) == [ids["t1"], ids["t2"]]  # not b: s1 and s2 wait for the teachers
     ex.finish(ids["t2"])
@@ -119,6 +121,54 @@ def test_with_few_slots_the_runs_others_need_go_first(grid, tmp_path):
     ex.finish(ids["s2"])
     thread.join(30)
     assert {r.status for r in out["result"].values()} == {"trained"}
+
+
+def test_runs_sharing_their_data_go_as_one_group_after_all_their_teachers(grid, tmp_path):
+    ids = {k: rid for k, (_, rid) in grid.items()}
+    plan = make_plan([grid[k][0] for k in ("s1", "s2", "t1", "t2", "b")])
+    ex = HandExecutor()
+    thread, out = in_thread(lambda: launch(plan, tmp_path, ex, progress=False, poll_s=0.01))
+    assert ex.wait_for(2) == [ids["t1"], ids["t2"]]  # b waits with its group for the teachers
+    ex.finish(ids["t2"])
+    time.sleep(0.1)
+    assert len(ex.submitted) == 2  # s1 still needs t1
+    ex.finish(ids["t1"])
+    students = [e.run_id for e in plan if e.run_id in (ids["s1"], ids["s2"], ids["b"])]
+    key = "+".join(students)
+    assert ex.wait_for(3)[2] == key  # one GroupTask, in plan order
+    ex.futures[key].set_result([RunResult(rid, "trained") for rid in students])
+    thread.join(30)
+    assert [r.status for r in out["result"].values()] == ["trained"] * 5
+
+
+def test_groups_are_cut_to_the_group_size(grid, tmp_path):
+    ids = {k: rid for k, (_, rid) in grid.items()}
+    plan = make_plan([grid[k][0] for k in ("s1", "s2", "t1", "t2", "b")])
+    units = L._units(plan, tmp_path, 2)
+    assert sorted(map(len, units)) == [1, 1, 1, 2]  # t1, t2, and s1 s2 b in groups of <= 2
+    assert {e.run_id for u in units if len(u) == 2 for e in u} < {ids["s1"], ids["s2"], ids["b"]}
+    assert all(len(u) == 1 for u in L._units(plan, tmp_path, 1))
+    (tmp_path / ids["b"]).mkdir()
+    (tmp_path / ids["b"] / "metrics.json").write_text("{}")  # finished: never in a group
+    assert [ids["b"]] in [[e.run_id for e in u] for u in L._units(plan, tmp_path, 8)]
+    with pytest.raises(ConfigError, match="group=0 must be a whole number >= 1"):
+        launch(plan, tmp_path, HandExecutor(), group=0)
+
+
+def test_a_failed_group_trains_each_run_alone(tiny, tmp_path, caplog):
+    """A run whose teacher is missing fails alone; the run grouped with it is trained; an
+    executor that returns the wrong number of results is an error that names the runs."""
+    good = cfg(*tiny["data"], epochs=1)
+    orphan = cfg(*tiny["data"], epochs=1, distiller="kd", teacher="missing-run")
+    results = GroupTask((good.to_dict(), orphan.to_dict()), str(tmp_path))()
+    assert [(r.run_id, r.status) for r in results] == [(run_id(good), "trained"),
+                                                       (run_id(orphan), "failed")]
+    assert "teacher 'missing-run' not found" in results[1].error
+    assert "2 runs trained together failed (RunError: teacher 'missing-run'" in caplog.text
+    future = cf.Future()
+    future.set_result([results[0]])
+    with pytest.raises(RunError, match="not one RunResult per run"):
+        L._outcomes(future, ["a", "b"])
 
 
 def test_a_failure_skips_its_dependents_only(grid, tmp_path):
@@ -170,7 +220,7 @@ def test_a_dead_worker_pool_fails_the_runs_with_advice(grid, tmp_path):
     assert "worker process died" in res[plan[0].run_id].error
     future = cf.Future()
     future.set_exception(BrokenProcessPool("x"))
-    assert "run again: finished runs are skipped" in L._outcome(future, "r").error
+    assert "run again: finished runs are skipped" in L._outcomes(future, ["r"])[0].error
 
 
 def test_train_task_reports_an_exception_as_the_runs_failure(tmp_path):
@@ -214,7 +264,7 @@ def tiny(tmp_path_factory):
                      batch_size=8, teacher="cnn_s", student="cnn_xs", baseline_losses=("ce",),
                      distillers=("kd",), kd_task_losses=(), kd_original=False, grid_teachers=())
     plan = make_plan(exp.configs(str(cache), str(splits), [0, 1]))
-    res = launch(plan, root / "inline", progress=False, threads=1)
+    res = launch(plan, root / "inline", group=1, progress=False, threads=1)  # each run alone
     return {"root": root, "data": (cache, splits), "plan": plan, "reference": res}
 
 
