@@ -1,15 +1,17 @@
 """Launcher speed: one run plan trained level by level (the order of the old `kdlib.grid.run_grid`:
 every run of a dependency level, then wait for the whole level before the next) and by
 `kdlib.launch`'s dependency-graph scheduler (a student starts as soon as its own teacher is
-finished), on the same kind of local worker processes. Prints, for each, the wall time and the
+finished), each run alone (`group=1`) and with the runs that share their data trained together
+(the default `group`, kdlib.stacked), on the same kind of local worker processes. Prints, for
+each, the wall time and the
 idle worker-seconds (workers x wall time minus the time the workers spent in runs: start-up,
 and the waits the level barrier adds).
 
     python benchmarks/bench_launcher.py [--profile smoke] [--workers 2] [--folds 3] [--repeats 3]
                                         [-p epochs=3]
     # the demo's data and experiment (its runs last 5-30 s, where the barrier costs most):
-    python benchmarks/bench_launcher.py --profile demo --subjects 40 --shape 96 96 64 \
-        --image-size 48 --repeats 3
+    python benchmarks/bench_launcher.py --profile demo --subjects 40 --shape 96 96 32 \
+        --image-size 40 --folds 5 --repeats 3
 
 The data is a small synthetic dataset written under a temporary KDLIB_HOME; the plan is the
 profile's experiment (with `-p` overrides of its settings) on --folds cross-validation folds. Measure on a quiet machine: other load
@@ -28,6 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kdlib.device import GROUP_SIZE
 from kdlib.experiment import Experiment
 from kdlib.launch import RunResult, TrainTask, launch, local_executor
 from kdlib.plan import PlanEntry, make_plan, plan_levels
@@ -52,13 +55,19 @@ def launch_by_level(entries: list[PlanEntry], runs_dir: Path, workers: int) -> d
     return results
 
 
-def by_graph(entries: list[PlanEntry], runs_dir: Path, workers: int) -> dict[str, RunResult]:
-    """kdlib.launch on the same workers."""
+def by_graph(entries: list[PlanEntry], runs_dir: Path, workers: int, group: int = 1
+             ) -> dict[str, RunResult]:
+    """kdlib.launch on the same workers, at most `group` runs trained together."""
     executor = local_executor(["cpu"] * workers, threads=1)
     try:
-        return launch(entries, runs_dir, executor, progress=False)
+        return launch(entries, runs_dir, executor, group=group, progress=False)
     finally:
         executor.shutdown()
+
+
+def grouped(entries: list[PlanEntry], runs_dir: Path, workers: int) -> dict[str, RunResult]:
+    """kdlib.launch with its default group size."""
+    return by_graph(entries, runs_dir, workers, GROUP_SIZE)
 
 
 def measure(name: str, fn: Callable[[list[PlanEntry], Path, int], dict[str, RunResult]],
@@ -99,16 +108,18 @@ def main() -> None:
         print(f"plan: {len(entries)} runs ({' then '.join(map(str, levels))} by level), "
               f"{exp.epochs} epochs, {args.workers} CPU workers of 1 thread, "
               f"{os.cpu_count()} cores")
-        walls: dict[str, list[float]] = {"level": [], "graph": []}
+        orders = [("level", "level by level (old)", launch_by_level),
+                  ("graph", "graph, each run alone", by_graph),
+                  ("grouped", f"graph, groups <= {GROUP_SIZE}", grouped)]
+        walls: dict[str, list[float]] = {key: [] for key, _, _ in orders}
         for i in range(args.repeats):
-            pair = [("level", "level by level (old)", launch_by_level),
-                    ("graph", "dependency graph", by_graph)]
-            for key, name, fn in pair[::-1] if i % 2 else pair:
+            for key, name, fn in orders[::-1] if i % 2 else orders:
                 walls[key].append(measure(name, fn, entries, Path(home) / f"{key}{i}",
                                           args.workers))
-        old, new = statistics.median(walls["level"]), statistics.median(walls["graph"])
-        print(f"median wall: level by level {old:.1f} s, dependency graph {new:.1f} s "
-              f"({new / old:.2f} of it, {args.repeats} repeat(s))")
+        old = statistics.median(walls["level"])
+        print(f"median wall of {args.repeats} repeat(s): " + ", ".join(
+            f"{name} {statistics.median(walls[key]):.1f} s "
+            f"({statistics.median(walls[key]) / old:.2f})" for key, name, _ in orders))
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ def notebook_phases(notebooks_dir: Path) -> pd.DataFrame:
 
 def run_timeline(runs_dir: Path) -> pd.DataFrame:
     """One row per finished run: run_id, model, distilled, start (config.yaml written), end
-    (metrics.json written), epochs_s (history.csv time_s summed), epochs."""
+    (metrics.json written), epochs_s (history.csv time_s summed), epochs, worker (host:pid from
+    env.json; empty for runs of code that did not record it)."""
     rows = []
     for folder in sorted(Path(runs_dir).iterdir()) if Path(runs_dir).is_dir() else []:
         files = [folder / n for n in ("config.yaml", "metrics.json", "history.csv")]
@@ -108,18 +109,42 @@ def run_timeline(runs_dir: Path) -> pd.DataFrame:
             continue
         cfg = yaml.safe_load(files[0].read_text()) or {}
         hist = pd.read_csv(files[2])
+        env = json.loads((folder / "env.json").read_text()) if (folder / "env.json").is_file() \
+            else {}
         rows.append({"run_id": folder.name, "model": cfg.get("model"),
                      "distilled": bool(cfg.get("distiller")), "start": files[0].stat().st_mtime,
                      "end": files[1].stat().st_mtime,
                      "epochs_s": float(hist["time_s"].sum()) if "time_s" in hist else float("nan"),
-                     "epochs": len(hist)})
+                     "epochs": len(hist),
+                     "worker": f"{env['hostname']}:{env['pid']}" if "pid" in env else ""})
     return pd.DataFrame(rows, columns=["run_id", "model", "distilled", "start", "end",
-                                       "epochs_s", "epochs"])
+                                       "epochs_s", "epochs", "worker"])
+
+
+def worker_tasks(timeline: pd.DataFrame) -> pd.DataFrame:
+    """One row per task a worker ran: a run alone, or the runs one worker process trained
+    together (kdlib.stacked: overlapping in time in the same process); columns worker, start,
+    end, epochs_s (summed), runs. Runs without a worker are tasks of their own."""
+    rows = []
+    for worker, part in timeline.sort_values("start").groupby("worker", sort=False):
+        for run in part.itertuples():
+            if worker and rows and rows[-1]["worker"] == worker and run.start < rows[-1]["end"]:
+                task = rows[-1]
+                task.update(end=max(task["end"], run.end), epochs_s=task["epochs_s"] + run.epochs_s,
+                            runs=task["runs"] + 1)
+            else:
+                rows.append({"worker": worker, "start": run.start, "end": run.end,
+                             "epochs_s": run.epochs_s, "runs": 1})
+    return pd.DataFrame(rows, columns=["worker", "start", "end", "epochs_s", "runs"])
 
 
 def concurrency(timeline: pd.DataFrame) -> int:
-    """The largest number of runs training at the same time (the number of workers used)."""
-    events = sorted([(t, 1) for t in timeline["start"]] + [(t, -1) for t in timeline["end"]],
+    """The number of workers used: distinct recorded workers, else the largest number of tasks
+    training at the same time."""
+    if len(timeline) and (timeline["worker"] != "").all():
+        return int(timeline["worker"].nunique())
+    tasks = worker_tasks(timeline)
+    events = sorted([(t, 1) for t in tasks["start"]] + [(t, -1) for t in tasks["end"]],
                     key=lambda e: (e[0], e[1]))
     now = best = 0
     for _, step in events:
@@ -138,32 +163,43 @@ PARTS_OF_GRID = ("training epochs (forward/backward, validation)",
 def training_parts(timeline: pd.DataFrame, windows: list[tuple[float, float]] | None = None,
                    workers: int | None = None) -> pd.DataFrame:
     """Worker-seconds of the training windows (the training cells' start and end; default: first
-    run start to last run end) by part. Runs are given to workers in start order, each to the
-    worker that became free last before it started."""
+    run start to last run end) by part. Tasks (`worker_tasks`) go to their recorded worker, else
+    in start order to the worker that became free last before the task started."""
     workers = workers or concurrency(timeline)
     windows = windows or [(float(timeline["start"].min()), float(timeline["end"].max()))]
     first, between, after = PARTS_OF_GRID[2:]
     parts = dict.fromkeys(PARTS_OF_GRID, 0.0)
+    tasks = worker_tasks(timeline)
     for lo, hi in windows:
-        runs = timeline[(timeline["start"] >= lo) & (timeline["start"] <= hi)].sort_values("start")
-        free, started = [lo] * workers, [False] * workers
-        for run in runs.itertuples():
-            ready = [w for w in range(workers) if free[w] <= run.start] or list(range(workers))
-            w = max(ready, key=lambda k: free[k])
-            parts[between if started[w] else first] += max(run.start - free[w], 0.0)
-            parts[PARTS_OF_GRID[0]] += run.epochs_s
-            parts[PARTS_OF_GRID[1]] += run.end - run.start - run.epochs_s
-            free[w], started[w] = run.end, True
+        now = tasks[(tasks["start"] >= lo) & (tasks["start"] <= hi)].sort_values("start")
+        names = list(dict.fromkeys(w for w in now["worker"] if w))
+        slots = max(workers, len(names))
+        free, started = [lo] * slots, [False] * slots
+        for task in now.itertuples():
+            if task.worker:
+                w = names.index(task.worker)
+            else:
+                ready = [k for k in range(slots) if free[k] <= task.start] or list(range(slots))
+                w = max(ready, key=lambda k: free[k])
+            parts[between if started[w] else first] += max(task.start - free[w], 0.0)
+            parts[PARTS_OF_GRID[0]] += task.epochs_s
+            parts[PARTS_OF_GRID[1]] += task.end - task.start - task.epochs_s
+            free[w], started[w] = task.end, True
         parts[after] += sum(max(hi - f, 0.0) if s else hi - lo for f, s in zip(free, started))
-    total = workers * sum(hi - lo for lo, hi in windows)
+    total = sum(max(workers, 1) * (hi - lo) for lo, hi in windows)
     out = pd.DataFrame({"part": list(parts), "worker_s": list(parts.values())})
     out["share"] = out["worker_s"] / total if total > 0 else float("nan")
     return out
 
 
 def per_model(timeline: pd.DataFrame) -> pd.DataFrame:
-    """Runs and mean seconds per run (epochs; start to end) per model and distilled or not."""
-    t = timeline.assign(run_s=timeline["end"] - timeline["start"])
+    """Runs and mean seconds per run (epochs; start to end, shared out among the runs a worker
+    trained together) per model and distilled or not."""
+    together = [1 if not r.worker else int(((timeline["worker"] == r.worker)
+                                            & (timeline["start"] < r.end)
+                                            & (timeline["end"] > r.start)).sum())
+                for r in timeline.itertuples()]
+    t = timeline.assign(run_s=(timeline["end"] - timeline["start"]) / together)
     g = t.groupby(["model", "distilled"])
     return pd.DataFrame({"runs": g.size(), "epochs_s_per_run": g["epochs_s"].mean(),
                          "run_s_per_run": g["run_s"].mean()}).reset_index()

@@ -13,19 +13,32 @@ import difflib
 import functools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from kdlib.errors import ConfigError, RunError
 
-TORCHVISION_NAMES: tuple[str, ...] = tuple(
-    torchvision.models.list_models(module=torchvision.models)
-)
-"""Every torchvision classification model: `list_models(module=torchvision.models)`."""
+if TYPE_CHECKING:
+    import torchvision
+
+
+def _torchvision() -> Any:
+    """torchvision, imported on first use: its import takes about 2 s (it loads torch._dynamo),
+    which the ladder CNNs, the training workers and the analysis notebooks do not need."""
+    import torchvision
+
+    return torchvision
+
+
+@functools.cache
+def torchvision_names() -> tuple[str, ...]:
+    """Every torchvision classification model: `list_models(module=torchvision.models)`."""
+    tv = _torchvision()
+    return tuple(tv.models.list_models(module=tv.models))
 
 TABLE_MODELS: tuple[str, ...] = (
     "mobilenet_v3_small",
@@ -162,7 +175,7 @@ def final_linear(model: nn.Module) -> tuple[str, nn.Linear]:
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     """Give the classifier `num_classes` outputs (in place; returns the model)."""
-    if isinstance(model, torchvision.models.SqueezeNet):
+    if isinstance(model, _torchvision().models.SqueezeNet):
         old = model.classifier[1]
         model.classifier[1] = nn.Conv2d(old.in_channels, num_classes, 1, device=old.weight.device)
         return model
@@ -182,7 +195,7 @@ def _drop_aux_heads(model: nn.Module) -> nn.Module:
 
 def imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
     """The DEFAULT ImageNet weights of torchvision model `name` (nothing is downloaded)."""
-    return torchvision.models.get_model_weights(name).DEFAULT
+    return _torchvision().models.get_model_weights(name).DEFAULT
 
 
 def _torchvision_model(
@@ -193,13 +206,14 @@ def _torchvision_model(
     if weights is None:
         if name in _AUX_MODELS:
             extra.update(aux_logits=False, init_weights=True)
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
+        model = _torchvision().models.get_model(name, weights=None, num_classes=num_classes,
+                                                **extra)
         return replace_first_conv(model, in_channels, pretrained=False)
     if weights != "imagenet":
         raise ConfigError(f"weights={weights!r} is not valid; use None or 'imagenet'")
     enum = imagenet_weights(name)
     try:
-        model = torchvision.models.get_model(name, weights=enum, **extra)
+        model = _torchvision().models.get_model(name, weights=enum, **extra)
     except (OSError, RuntimeError) as err:  # URLError is an OSError
         raise RunError(
             f"could not load ImageNet weights for {name!r} ({err}); download {enum.url} into "
@@ -231,21 +245,31 @@ def cnn_l(num_classes: int = 3, in_channels: int = 4, weights: str | None = None
 
 LADDER: tuple[str, ...] = tuple(LADDER_SPECS)
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
+LADDER_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "cnn_xs": cnn_xs,
     "cnn_s": cnn_s,
     "cnn_m": cnn_m,
     "cnn_l": cnn_l,
-    **{name: functools.partial(_torchvision_model, name) for name in TORCHVISION_NAMES},
 }
-"""Name -> builder(num_classes=3, in_channels=4, weights=None)."""
+"""Ladder name -> builder(num_classes=3, in_channels=4, weights=None)."""
+
+
+def model_names() -> tuple[str, ...]:
+    """Every valid model name: the ladder, then `torchvision_names()`."""
+    return (*LADDER, *torchvision_names())
+
+
+def model_builder(name: str) -> Callable[..., nn.Module]:
+    """builder(num_classes=3, in_channels=4, weights=None) of model `name` (ConfigError if unknown)."""
+    check_model_name(name)
+    return LADDER_BUILDERS.get(name) or functools.partial(_torchvision_model, name)
 
 
 def check_model_name(name: str) -> None:
-    """ConfigError for a name not in MODELS, listing the ladder and pointing to torchvision."""
-    if name in MODELS:
+    """ConfigError for a name that is neither a ladder CNN nor a torchvision classification model."""
+    if name in LADDER_BUILDERS or name in torchvision_names():
         return
-    close = difflib.get_close_matches(str(name), list(MODELS), n=3)
+    close = difflib.get_close_matches(str(name), list(model_names()), n=3)
     hint = f" Did you mean {close}?" if close else ""
     raise ConfigError(
         f"unknown model {name!r}.{hint} Valid names: the ladder {list(LADDER)} or any torchvision "
@@ -262,10 +286,9 @@ def create_model(
     weights: None (random init) or "imagenet" (torchvision's DEFAULT weights; the first conv is
     adapted by `adapt_conv_weight`, the classifier is new). The classifier is a `Float32Linear`.
     """
-    check_model_name(name)
     if weights == "none":
         weights = None
-    model = MODELS[name](num_classes=num_classes, in_channels=in_channels, weights=weights)
+    model = model_builder(name)(num_classes=num_classes, in_channels=in_channels, weights=weights)
     return float32_head(model)
 
 

@@ -17,12 +17,12 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-import torchvision
 import yaml
 
 import kdlib
@@ -133,10 +133,10 @@ def env_info(device: str = "cpu") -> dict[str, Any]:
     dev = torch.device(device)
     return {
         "python": sys.version.split()[0], "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "kdlib": kdlib.__version__, "git_commit": commit,
+        "torchvision": metadata.version("torchvision"), "kdlib": kdlib.__version__, "git_commit": commit,
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
         else platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-        "hostname": socket.gethostname(), "platform": platform.platform(),
+        "hostname": socket.gethostname(), "pid": os.getpid(), "platform": platform.platform(),
         "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -102,7 +102,11 @@ def check_name(what: str, value) -> None:
 
 def save_figure(fig: Figure, name: str, profile: str = "default", root: str | Path = "figures",
                 dpi: int = 300, formats: Sequence[str] = ("pdf", "png")) -> dict[str, Path]:
-    """Write <root>/<profile>/<name>.pdf (TrueType fonts, fonttype 42) and .png; return the paths."""
+    """Write <root>/<profile>/<name>.pdf (TrueType fonts, fonttype 42) and .png; return the paths.
+
+    The files have the figure's own size (`figsize`: a fraction of the LaTeX text width, so that
+    `\\includegraphics` at that width keeps the 8-9 pt fonts); kdlib's plots use constrained
+    layout with legends placed "outside", which keeps everything inside the figure."""
     check_name("figure name", name)
     check_name("figure profile", profile)
     out_dir = Path(root) / profile
@@ -112,6 +116,5 @@ def save_figure(fig: Figure, name: str, profile: str = "default", root: str | Pa
         for fmt in formats:
             paths[fmt] = out_dir / f"{name}.{fmt}"
             meta = {"CreationDate": None} if fmt == "pdf" else None
-            fig.savefig(paths[fmt], format=fmt, dpi=dpi, metadata=meta, bbox_inches="tight",
-                        pad_inches=0.02)
+            fig.savefig(paths[fmt], format=fmt, dpi=dpi, metadata=meta)
     return paths

@@ -54,7 +54,7 @@ def test_auxiliary_heads_are_dropped():
 
 def test_models_registry_covers_torchvision():
     names = torchvision.models.list_models(module=torchvision.models)
-    assert set(names) <= set(M.MODELS) and set(M.LADDER) <= set(M.MODELS)
+    assert set(names) <= set(M.model_names()) and set(M.LADDER) <= set(M.model_names())
 
 
 def test_adapt_conv_weight_math():
@@ -188,7 +188,7 @@ def test_float32_head_keeps_parameters_state_dict_and_initialisation():
     model = M.create_model("cnn_s")
     after = torch.rand(3)
     torch.manual_seed(0)
-    plain = M.MODELS["cnn_s"]()
+    plain = M.model_builder("cnn_s")()
     assert type(plain.fc) is nn.Linear and torch.equal(after, torch.rand(3))
     assert list(model.state_dict()) == list(plain.state_dict())
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in model.state_dict().items())

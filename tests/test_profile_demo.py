@@ -28,13 +28,15 @@ def executed_notebook(path: Path, total: float, cells: list[tuple[str, float]]) 
 
 
 def fake_run(runs: Path, name: str, start: float, end: float, epochs: list[float],
-             distiller: str | None = None) -> None:
+             distiller: str | None = None, pid: int | None = None) -> None:
     folder = runs / name
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump({"model": "cnn_xs", "distiller": distiller}))
     pd.DataFrame({"epoch": range(1, len(epochs) + 1), "time_s": epochs}).to_csv(
         folder / "history.csv", index=False)
     (folder / "metrics.json").write_text(json.dumps({}))
+    if pid is not None:
+        (folder / "env.json").write_text(json.dumps({"hostname": "h", "pid": pid}))
     os.utime(folder / "config.yaml", (start, start))
     os.utime(folder / "metrics.json", (end, end))
 
@@ -96,3 +98,24 @@ def test_one_run_instrumented_accounts_for_its_time(tmp_path):
     assert parts["seconds"].sum() == pytest.approx(total, rel=0.05)
     assert P.Timers is not None and not hasattr(P.importlib.import_module("kdlib.train").fit,
                                                 "__wrapped__")  # the timers are removed
+
+
+def test_runs_trained_together_are_one_task_of_their_worker(tmp_path):
+    t0 = 1_700_000_000.0
+    # worker 1 trains a and b together (0-10 s), then c (12-16 s); worker 2 trains d (0-6 s)
+    fake_run(tmp_path, "a", t0, t0 + 10, [2.0, 2.0], pid=1)
+    fake_run(tmp_path, "b", t0 + 0.5, t0 + 10.2, [2.0, 2.0], distiller="kd", pid=1)
+    fake_run(tmp_path, "c", t0 + 12, t0 + 16, [1.5, 1.5], pid=1)
+    fake_run(tmp_path, "d", t0, t0 + 6, [2.5, 2.5], pid=2)
+    timeline = P.run_timeline(tmp_path)
+    assert list(timeline["worker"]) == ["h:1", "h:1", "h:1", "h:2"]
+    tasks = P.worker_tasks(timeline)
+    assert sorted(tasks["runs"]) == [1, 1, 2] and P.concurrency(timeline) == 2
+    parts = P.training_parts(timeline, [(t0, t0 + 20)], 2)["worker_s"].tolist()
+    assert parts == pytest.approx([16.0,  # epochs
+                                   10.2 + 4 + 6 - 16.0,  # inside tasks, outside epochs
+                                   0.0,  # both start at once
+                                   12 - 10.2,  # worker 1 between its tasks
+                                   (20 - 16) + (20 - 6)])  # after the last tasks
+    shares = P.per_model(timeline).set_index("distilled")["run_s_per_run"]
+    assert shares[True] == pytest.approx(9.7 / 2)  # b's span shared with a

@@ -40,6 +40,22 @@ def test_method_colours_are_fixed_and_stable():
     assert S.method_marker("kd") == S.method_marker("kd")
 
 
+def test_saved_figures_have_the_text_width_and_keep_outside_legends(tmp_path):
+    """No bbox cropping: the PNG is exactly figsize x dpi (so LaTeX keeps the font sizes), and a
+    legend placed 'outside' by constrained layout is inside the saved figure."""
+    with S.thesis_style():
+        fig, ax = plt.subplots(figsize=S.figsize(1.0, 0.4), layout="constrained")
+        ax.plot([0, 1], [0, 1], label="a long legend entry")
+        legend = fig.legend(loc="outside lower center")
+        paths = S.save_figure(fig, "width", root=tmp_path, dpi=100)
+    image = plt.imread(paths["png"])
+    width, height = S.figsize(1.0, 0.4)
+    assert image.shape[:2] == (int(height * 100), int(width * 100))  # matplotlib truncates
+    box = legend.get_window_extent().transformed(fig.dpi_scale_trans.inverted())
+    assert 0 <= box.x0 < box.x1 <= width and 0 <= box.y0 < box.y1 <= height
+    assert paths["pdf"].read_bytes().startswith(b"%PDF")
+
+
 def test_save_figure_rejects_bad_names(tmp_path):
     with pytest.raises(ConfigError):
         S.save_figure(plt.figure(), "a/b", root=tmp_path)
