@@ -77,7 +77,8 @@ def measure(name: str, fn: Callable[[list[PlanEntry], Path, int], dict[str, RunR
     results = fn(entries, runs_dir, workers)
     wall = time.time() - start
     failed = [r for r in results.values() if r.status != "trained"]
-    busy = sum(r.ended - r.started for r in results.values() if r.started is not None)
+    tasks = {(r.worker, r.started, r.ended) for r in results.values() if r.started is not None}
+    busy = sum(end - start for _, start, end in tasks)  # runs trained together count once
     print(f"{name:<22} wall {wall:7.1f} s   in runs {busy:7.1f} worker-s   idle "
           f"{workers * wall - busy:7.1f} worker-s   ({len(results)} runs, {len(failed)} failed)")
     return wall
@@ -95,6 +96,8 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=32, help="slice size in the cache")
     p.add_argument("--repeats", type=int, default=1,
                    help="measure each order this many times, alternating which goes first")
+    p.add_argument("--orders", nargs="+", choices=["level", "graph", "grouped"],
+                   default=["level", "graph", "grouped"], help="which to measure, in this order (default all)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as home:
         os.environ["KDLIB_HOME"] = home
@@ -111,13 +114,14 @@ def main() -> None:
         orders = [("level", "level by level (old)", launch_by_level),
                   ("graph", "graph, each run alone", by_graph),
                   ("grouped", f"graph, groups <= {GROUP_SIZE}", grouped)]
+        orders = [next(o for o in orders if o[0] == key) for key in args.orders]  # in that order
         walls: dict[str, list[float]] = {key: [] for key, _, _ in orders}
         for i in range(args.repeats):
             for key, name, fn in orders[::-1] if i % 2 else orders:
                 walls[key].append(measure(name, fn, entries, Path(home) / f"{key}{i}",
                                           args.workers))
-        old = statistics.median(walls["level"])
-        print(f"median wall of {args.repeats} repeat(s): " + ", ".join(
+        old = statistics.median(walls[orders[0][0]])
+        print(f"median wall of {args.repeats} repeat(s), relative to the first: " + ", ".join(
             f"{name} {statistics.median(walls[key]):.1f} s "
             f"({statistics.median(walls[key]) / old:.2f})" for key, name, _ in orders))
 

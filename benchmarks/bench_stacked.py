@@ -5,15 +5,15 @@ kdlib.stack.train_group_epoch (vmap: one vectorised forward/backward per batch, 
 on a GPU; loop: the models one after the other on the shared batch, what it does on the CPU)
 against one run through kdlib.train.train_one_epoch, counted as runs x images / seconds, with fit's
 step: augmentation on, CE, AdamW with its schedule. The demo's
-shape by default: 48 px, batch 64, 4 channels, one CPU thread. `--teacher cnn_s` adds a KD teacher
+shape by default: 40 px, batch 64, 4 channels, one CPU thread. `--teacher cnn_s` adds a KD teacher
 that every run distils from (together: one teacher forward per batch for the group; alone: one per
 run). Each figure is the best of `--repeats` alternating measurements (other processes load a shared
 machine; the best is the least disturbed). On the CPU the seconds are this process's CPU time, so
 that the others' load on a shared machine counts less (it still costs caches and memory bandwidth);
 on a GPU, wall time. Prints figures, asserts nothing.
 
-`--end-to-end` also trains the demo's runs of one fold at ratio 4 (a phantom of the demo's size,
-48 px, 10 epochs, cnn_s / cnn_m teachers, cnn_xs / cnn_s students: the demo profile's experiment)
+`--end-to-end` also trains the demo profile's runs of one fold at ratio 4 (its phantom, slice size,
+epochs, teachers and students, from profiles/demo.yaml)
 twice, one by one with kdlib.train.fit and as kdlib.stacked.group_configs + fit_group, and prints
 the CPU and wall seconds of both (a few minutes on a quiet 2-core machine).
 
@@ -40,17 +40,15 @@ import bench_train
 from kdlib.criterion import build_criterion
 from kdlib.device import autocast_dtype, make_optimizer
 from kdlib.models import create_model
+from kdlib.profiles import load_profile
 from kdlib.stack import Stack, train_group_epoch
 from kdlib.stacked import fit_group, group_configs
 from kdlib.teachers import FrozenTeacher
 from kdlib.train import fit, lr_lambda, train_one_epoch
 from kdlib.train_config import AugmentConfig
 
-DEMO = {"phantom": {"n_hgg": 40, "n_lgg": 40, "shape": [96, 96, 64]}, "image_size": 48,
-        "experiment": {"ratios": [4], "epochs": 10, "teacher": "cnn_s", "student": "cnn_xs",
-                       "grid_teachers": ["cnn_s", "cnn_m"], "grid_students": ["cnn_xs", "cnn_s"],
-                       "grid_ratio": 4, "folds": [0]}}
-"""The demo profile's data and experiment, cut to one fold and one ratio."""
+DEMO_CUT = {"ratios": [4], "folds": [0]}
+"""The demo profile's experiment cut to one fold and its strongest ratio (its data as it is)."""
 
 
 def _runs(name: str, n: int, channels: int, device: str, channels_last: bool):
@@ -73,7 +71,7 @@ def _timed(fn, device: str) -> float:
     return clock() - t
 
 
-def measure(name: str, n_runs: int, teacher: str | None = None, size: int = 48, batch: int = 64,
+def measure(name: str, n_runs: int, teacher: str | None = None, size: int = 40, batch: int = 64,
             channels: int = 4, device: str = "cpu", amp: torch.dtype | bool | None = None,
             channels_last: bool = False, seconds: float = 2.0) -> dict[str, float]:
     """Images/s of `n_runs` runs of model `name` trained together (vmap: one vectorised
@@ -116,7 +114,7 @@ def measure(name: str, n_runs: int, teacher: str | None = None, size: int = 48, 
 
 
 def stacked_table(models: Sequence[str] = ("cnn_xs", "cnn_s"), runs: Sequence[int] = (1, 4, 8),
-                  teacher: str | None = None, size: int = 48, batch: int = 64, channels: int = 4,
+                  teacher: str | None = None, size: int = 40, batch: int = 64, channels: int = 4,
                   device: str = "cpu", amp: torch.dtype | bool | None = None,
                   channels_last: bool = False, seconds: float = 2.0, repeats: int = 2
                   ) -> list[dict[str, float | str]]:
@@ -149,7 +147,7 @@ def print_table(rows: list[dict[str, float | str]]) -> None:
 
 
 def end_to_end(device: str = "cpu", progress: bool = False) -> dict[str, float]:
-    """CPU and wall seconds of the DEMO runs trained one by one (fit) and in groups (fit_group),
+    """CPU and wall seconds of the demo's runs of DEMO_CUT trained one by one (fit) and in groups (fit_group),
     in a temporary output root; also the number of runs and groups."""
     from kdlib import workbook
     from kdlib.experiment import Experiment
@@ -157,10 +155,13 @@ def end_to_end(device: str = "cpu", progress: bool = False) -> dict[str, float]:
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["KDLIB_HOME"] = tmp
-        workbook.get_dataset("bench", phantom=DEMO["phantom"], progress=progress)
-        workbook.build_cache("bench", {"image_size": DEMO["image_size"]}, progress=progress)
-        workbook.build_splits("bench", {"k_folds": 3})
-        exp = Experiment(**DEMO["experiment"])
+        par = load_profile("demo")["parameters"]
+        workbook.get_dataset("bench", phantom={"n_hgg": par["phantom_hgg"], "n_lgg":
+                                               par["phantom_lgg"], "shape": par["phantom_shape"]},
+                             progress=progress)
+        workbook.build_cache("bench", {"image_size": par["image_size"]}, progress=progress)
+        workbook.build_splits("bench", {"k_folds": par["k_folds"]})
+        exp = Experiment.from_profile("demo", DEMO_CUT)
         cfgs = [dataclasses.replace(c, device=device)
                 for c in exp.configs(**workbook.data_settings("bench"), folds=[0])]
         groups = group_configs(cfgs)
@@ -180,7 +181,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["cnn_xs", "cnn_s"])
     parser.add_argument("--runs", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--teacher", default=None, help="a KD teacher model every run distils from")
-    parser.add_argument("--size", type=int, default=48, help="image side in pixels")
+    parser.add_argument("--size", type=int, default=40, help="image side in pixels (the demo's)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per figure (best)")
