@@ -353,7 +353,8 @@ def test_a_killed_job_resubmitted_resumes(long_run, tmp_path):
     job = ex.submit(TrainTask(config.to_dict(), str(runs), threads=1))
     tmp = runs / f".tmp-{run_id(config)}"
     early = _started(job, tmp / "checkpoint.pt")
-    job.cancel()  # interrupts the job: its process is stopped mid-run
+    task = psutil.Process(job._process.pid).children()[0]  # the job's Python process
+    task.send_signal(signal.SIGKILL)  # killed mid-run at once (a cancel may come too late)
     deadline = time.monotonic() + 120
     while not job.done():
         assert time.monotonic() < deadline
