@@ -98,9 +98,11 @@ class TrainTask:
 @dataclass(frozen=True)
 class GroupTask:
     """Runs that share their data trained together (`kdlib.stacked.fit_group`) as a picklable
-    callable; one RunResult per run, in the order of `configs`. Should the group fail (a run's
-    teacher missing, out of memory, a loss gone non-finite), each unfinished run is trained
-    alone, as a TrainTask, so that a failure is only that run's."""
+    callable; one RunResult per run, in the order of `configs`. Should the group fail before any
+    of its runs finished (a run's teacher missing, out of memory), each run is trained alone, as
+    a TrainTask, so that a failure is only that run's; if some finished (fit_group ends the
+    others before it raises, e.g. for a loss gone non-finite), the unfinished ones are `failed`
+    with the group's error rather than trained again."""
 
     configs: tuple[dict[str, Any], ...]
     runs_dir: str
@@ -109,18 +111,27 @@ class GroupTask:
     threads: int | None = None
 
     def __call__(self) -> list[RunResult]:
-        started, worker = time.time(), _worker_name()
+        started, worker, error = time.time(), _worker_name(), None
+        alone = [TrainTask(c, self.runs_dir, self.progress, self.device, self.threads)
+                 for c in self.configs]
         try:
             cfgs = [_configured(c, self.device, self.threads) for c in self.configs]
-            paths = fit_group(cfgs, self.runs_dir, progress=self.progress)
-        except Exception as err:  # noqa: BLE001 - then each run alone, with its own outcome
+        except Exception:  # noqa: BLE001 - a bad config: each run reports its own
+            return [task() for task in alone]
+        try:
+            fit_group(cfgs, self.runs_dir, progress=self.progress)
+        except Exception as err:  # noqa: BLE001 - reported per run below
+            error = _failure(err)
+        ended, root = time.time(), Path(self.runs_dir)
+        done = [is_finished(root / run_id(c)) for c in cfgs]
+        if error and not any(done):
             log.warning("%d runs trained together failed (%s); training each alone",
-                        len(self.configs), _failure(err))
-            return [TrainTask(c, self.runs_dir, self.progress, self.device, self.threads)()
-                    for c in self.configs]
-        ended = time.time()
-        return [RunResult(run_id(c), "trained", str(p), None, started, ended, worker)
-                for c, p in zip(cfgs, paths)]
+                        len(cfgs), error)
+            return [task() for task in alone]
+        return [RunResult(run_id(c), "trained", str(root / run_id(c)), None, started, ended,
+                          worker) if ok else
+                RunResult(run_id(c), "failed", None, error, started, ended, worker)
+                for c, ok in zip(cfgs, done)]
 
     checkpoint = TrainTask.checkpoint
 

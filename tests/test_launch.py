@@ -19,6 +19,7 @@ import submitit
 import torch
 from helpers_train import tiny_config, tiny_train_data
 
+import kdlib.stacked
 from kdlib import launch as L
 from kdlib.errors import ConfigError, RunError
 from kdlib.experiment import Experiment
@@ -169,6 +170,29 @@ def test_a_failed_group_trains_each_run_alone(tiny, tmp_path, caplog):
     future.set_result([results[0]])
     with pytest.raises(RunError, match="not one RunResult per run"):
         L._outcomes(future, ["a", "b"])
+
+
+def test_a_group_that_finished_some_runs_does_not_train_the_others_again(tiny, tmp_path,
+                                                                         monkeypatch):
+    """A loss gone non-finite in one run: fit_group finishes the other and raises; the run that
+    failed is reported failed with that error, not trained a second time alone."""
+    fits = []
+    monkeypatch.setattr(L, "fit", lambda *a, **k: fits.append(a) or pytest.fail("trained again"))
+    real = kdlib.stacked.build_criterion
+
+    def build(task_loss, *args, **kw):
+        crit = real(task_loss, *args, **kw)
+        if task_loss != "focal":
+            return crit
+        return lambda zs, y, zt=None, epoch=0: {**crit(zs, y, zt, epoch=epoch),
+                                               "loss": torch.tensor(float("nan"))}
+
+    monkeypatch.setattr(kdlib.stacked, "build_criterion", build)
+    ok, bad = cfg(*tiny["data"], epochs=1), cfg(*tiny["data"], epochs=1, task_loss="focal")
+    results = GroupTask((ok.to_dict(), bad.to_dict()), str(tmp_path))()
+    assert [(r.run_id, r.status) for r in results] == [(run_id(ok), "trained"),
+                                                       (run_id(bad), "failed")]
+    assert "RunError" in results[1].error and "nan" in results[1].error and not fits
 
 
 def test_a_failure_skips_its_dependents_only(grid, tmp_path):
@@ -328,15 +352,21 @@ def _resumed(final, early, straight) -> None:
     assert hist.drop(columns="time_s").equals(load_history(straight).drop(columns="time_s"))
 
 
+def _submitted(config, tmp_path):
+    """The run as a submitit LocalExecutor job, once its first epoch checkpoint is written:
+    (executor, job, the job's Python process, the history in that checkpoint)."""
+    ex = submitit.LocalExecutor(tmp_path / "submitit")
+    ex.update_parameters(timeout_min=30)
+    job = ex.submit(TrainTask(config.to_dict(), str(tmp_path / "runs"), threads=1))
+    early = _started(job, tmp_path / "runs" / f".tmp-{run_id(config)}" / "checkpoint.pt")
+    return ex, job, psutil.Process(job._process.pid).children()[0], early
+
+
 @pytest.mark.slow
 def test_a_preempted_submitit_job_is_requeued_and_resumes(long_run, tmp_path):
     config, straight = long_run
     runs = tmp_path / "runs"
-    ex = submitit.LocalExecutor(tmp_path / "submitit")
-    ex.update_parameters(timeout_min=30)
-    job = ex.submit(TrainTask(config.to_dict(), str(runs), threads=1))
-    early = _started(job, runs / f".tmp-{run_id(config)}" / "checkpoint.pt")
-    task = psutil.Process(job._process.pid).children()[0]  # the job's Python process
+    _, job, task, early = _submitted(config, tmp_path)
     task.send_signal(signal.SIGUSR2)  # how Slurm (and submitit) announce preemption
     result = job.result()
     assert result.status == "trained", result.error
@@ -347,13 +377,8 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes(long_run, tmp_path):
 @pytest.mark.slow
 def test_a_killed_job_resubmitted_resumes(long_run, tmp_path):
     config, straight = long_run
-    runs = tmp_path / "runs"
-    ex = submitit.LocalExecutor(tmp_path / "submitit")
-    ex.update_parameters(timeout_min=30)
-    job = ex.submit(TrainTask(config.to_dict(), str(runs), threads=1))
-    tmp = runs / f".tmp-{run_id(config)}"
-    early = _started(job, tmp / "checkpoint.pt")
-    task = psutil.Process(job._process.pid).children()[0]  # the job's Python process
+    runs, tmp = tmp_path / "runs", tmp_path / "runs" / f".tmp-{run_id(config)}"
+    ex, job, task, early = _submitted(config, tmp_path)
     task.send_signal(signal.SIGKILL)  # killed mid-run at once (a cancel may come too late)
     deadline = time.monotonic() + 120
     while not job.done():
