@@ -21,7 +21,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
 from kdlib import CLASSES, GRADES, MINORITY
 from kdlib.errors import ConfigError, DataError
@@ -88,8 +87,15 @@ def _auc(pos: np.ndarray, score: np.ndarray) -> float:
     n_neg = len(pos) - n_pos
     if n_pos == 0 or n_neg == 0:
         return np.nan
-    ranks = rankdata(score)
+    ranks = average_ranks(score)
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their mean rank: scipy.stats.rankdata's default, without the
+    0.6 s import of scipy.stats in every training process."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse.reshape(-1)]
 
 
 def _average_precision(pos: np.ndarray, score: np.ndarray) -> float:

@@ -10,6 +10,7 @@ from kdlib import CLASSES
 from kdlib.errors import DataError
 from kdlib.metrics import (
     arrays,
+    average_ranks,
     check_predictions,
     confusion,
     patient_metrics,
@@ -64,6 +65,14 @@ def test_auc_and_ap_with_tied_scores_match_sklearn():
     for i, c in enumerate(CLASSES):
         assert m[f"auc_{c}"] == pytest.approx(skm.roc_auc_score(y == i, P[:, i]))
         assert m[f"ap_{c}"] == pytest.approx(skm.average_precision_score(y == i, P[:, i]))
+
+
+def test_average_ranks_equal_scipys_with_ties():
+    from scipy.stats import rankdata
+    rng = np.random.default_rng(0)
+    for x in (rng.normal(size=50), np.round(rng.random(200), 1), np.ones(5), np.array([3.0])):
+        assert np.array_equal(average_ranks(x), rankdata(x))
+    assert average_ranks(np.array([0.2, 0.1, 0.2, 0.9])).tolist() == [2.5, 1.0, 2.5, 4.0]
 
 
 def test_ece_by_hand():
