@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from functools import wraps
 from pathlib import Path
@@ -61,8 +62,15 @@ def thesis_style() -> Iterator[None]:
 
 
 def use_thesis_style() -> None:
-    """Set the thesis rcParams for the rest of the session (notebooks)."""
+    """Set the thesis rcParams for the rest of the session (notebooks); in a notebook with the
+    inline backend, figures are shown as laid out, untrimmed (kdlib's figures fit their size; the
+    default "tight" trim draws every figure twice)."""
     mpl.rcParams.update(STYLE)
+    if "matplotlib_inline.config" in sys.modules:  # `%matplotlib inline` has run
+        from matplotlib_inline.config import InlineBackend
+        if InlineBackend.initialized():
+            inline = InlineBackend.instance()
+            inline.print_figure_kwargs = {**inline.print_figure_kwargs, "bbox_inches": None}
 
 
 def _styled(fn):

@@ -82,3 +82,25 @@ def test_check_name_accepts_safe_names_and_guards_save_figure_and_write_table(tm
         S.save_figure(plt.figure(), "x", profile="a b", root=tmp_path)
     with pytest.raises(ConfigError, match="table name="):
         write_table(pd.DataFrame({"a": [1]}), "x\n", root=tmp_path)
+
+
+@pytest.mark.parametrize("thesis", [True, False])
+def test_notebook_shows_figures_untrimmed_in_the_thesis_style(thesis):
+    """In a kernel with the inline backend, a figure is shown at its own size (one draw), not
+    trimmed to its contents (IPython's default, which draws it twice)."""
+    nbclient = pytest.importorskip("nbclient")
+    import base64
+    import io
+
+    import nbformat
+    from PIL import Image
+
+    code = ("%matplotlib inline\nimport matplotlib.pyplot as plt\nfrom kdlib import style\n"
+            + ("style.use_thesis_style()\n" if thesis else "")
+            + "fig, ax = plt.subplots(figsize=(2, 1), dpi=150, layout='constrained')\n"
+            "ax.plot([0, 1])\nplt.show()")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    png = next(o["data"]["image/png"] for o in nb.cells[0].outputs if "data" in o)
+    size = Image.open(io.BytesIO(base64.b64decode(png))).size
+    assert (size == (300, 150)) is thesis
