@@ -130,11 +130,11 @@ def _templates(shape: tuple[int, int, int]) -> dict:
     mask = ndi.binary_dilation(
         mask, iterations=2
     )  # a thin CSF rim at the surface, as after skull stripping
-    maps = np.stack([mask.astype(np.float32), gm * mask, wm * mask])
+    maps = [mask.astype(np.float32), gm * mask, wm * mask]  # a list: stacking copies 100 MB
     step = _spacing(shape) * MNI_MM_PER_FRAME_MM
     sigma = np.maximum(0.0, step - 1.0) * 0.5
     if sigma.max() > 0.25:
-        maps = np.stack([ndi.gaussian_filter(m, sigma) for m in maps])
+        maps = [ndi.gaussian_filter(m, sigma) for m in maps]
     # frame voxel p -> MNI voxel: flip x and y (BraTS arrays are stored LPS), scale, centre on the brain
     idx = np.argwhere(mask)
     centre_mni = (idx.min(0) + idx.max(0)) / 2.0
