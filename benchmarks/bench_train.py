@@ -1,7 +1,8 @@
 """Training throughput on this machine's CPU, through kdlib's own loop (train_one_epoch).
 
-1. images/s of forward + backward + AdamW step for the CNN ladder and resnet18 at 64 px, 4 channels
-   (the demo image size), data already in memory, no augmentation;
+1. images/s of forward + backward + AdamW step for the CNN ladder and resnet18 at 64 px, 4 channels,
+   data already in memory, no augmentation, in NCHW and channels-last (what kdlib trains with on
+   the CPU and on CUDA: kdlib.device.uses_channels_last);
 2. one KD epoch (resnet18 teacher -> cnn_s student) with the teacher run on every batch vs with the
    teacher's logits computed once beforehand (cache_teacher_logits), plus that one-time cost.
 
@@ -101,15 +102,18 @@ def kd_epoch(teacher: str = "resnet18", student: str = "cnn_s", n: int = 512, si
     return out
 
 
-def report(device: str = "cpu", amp: bool = False, channels_last: bool = False,
+def report(device: str = "cpu", amp: bool = False, channels_last: bool = True,
            seconds: float = 3.0, size: int = 64, batch: int = 64, kd_n: int = 512) -> None:
-    """Print the throughput table and the KD epoch comparison."""
-    print(f"device {device}, bf16 autocast {amp}, channels_last {channels_last}, "
-          f"{torch.get_num_threads()} torch threads, {size} px, 4 channels, batch {batch}")
-    print(f"{'model':<10} {'params':>10} {'train img/s':>12}")
+    """Print the throughput table (NCHW and channels-last) and the KD epoch comparison (in
+    channels-last when `channels_last`)."""
+    print(f"device {device}, bf16 autocast {amp}, {torch.get_num_threads()} torch threads, "
+          f"{size} px, 4 channels, batch {batch}")
+    print(f"{'model':<10} {'params':>10} {'NCHW img/s':>11} {'NHWC img/s':>11} {'NHWC/NCHW':>10}")
     for name in MODELS:
-        ips = throughput(name, size, 4, batch, device, amp, channels_last, seconds)
-        print(f"{name:<10} {count_parameters(name):>10,} {ips:>12.0f}", flush=True)
+        nchw, nhwc = (throughput(name, size, 4, batch, device, amp, cl, seconds)
+                      for cl in (False, True))
+        print(f"{name:<10} {count_parameters(name):>10,} {nchw:>11.0f} {nhwc:>11.0f} "
+              f"{nhwc / nchw:>9.2f}x", flush=True)
     res = kd_epoch(n=kd_n, size=size, batch=batch, device=device, amp=amp,
                    channels_last=channels_last)
     print(f"\nKD epoch, resnet18 -> cnn_s, {kd_n} images, augmentation on:")
@@ -123,10 +127,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="time per throughput figure")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--size", type=int, default=64, help="image size in px (the demo: 40)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    report("cpu", seconds=args.seconds)
+    report("cpu", seconds=args.seconds, size=args.size)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from kdlib.device import (
     make_optimizer,
     numerics_identity,
     resolve_device,
+    uses_channels_last,
 )
 from kdlib.errors import ConfigError, DataError, RunError
 from kdlib.identity import EXECUTION_SETTINGS, config_identity, run_id
@@ -232,7 +233,7 @@ def _member(cfg: TrainConfig, runs_dir: Path, device: torch.device) -> _Member:
     rid = run_id(cfg)
     torch.manual_seed(cfg.seed)  # fit's order: the student's init first
     model = build_model(cfg, device)
-    if device.type == "cuda":
+    if uses_channels_last(device, cfg.model):
         model = model.to(memory_format=torch.channels_last)
     teacher, teacher_path = load_teacher(cfg, runs_dir, device) if cfg.teacher else (None, None)
     return _Member(cfg, rid, runs_dir / f".tmp-{rid}", runs_dir / rid, model, teacher,
@@ -254,7 +255,8 @@ def _setup(m: _Member, counts: list[int], steps: int, data: dict[str, Any],
     m.identity = {"config": config_identity(cfg),
                   "data": _runs.data_fingerprint(data["cache"], data["splits"]),
                   "execution": _runs.execution_identity(device),
-                  "numerics": numerics_identity(device, amp, cfg.deterministic, cfg.compile)}
+                  "numerics": numerics_identity(device, amp, cfg.deterministic, cfg.compile,
+                                                uses_channels_last(device, cfg.model))}
     m.state = {"epoch": 0, "best_epoch": 0, "best_score": None, "bad_epochs": 0,
                "stopped": False, "history": [], "best_model": None}
     ckpt_path = m.tmp / "checkpoint.pt"
@@ -276,7 +278,8 @@ def _setup(m: _Member, counts: list[int], steps: int, data: dict[str, Any],
 def _fit_stacked(cfgs: list[TrainConfig], runs_dir: Path, device: torch.device,
                  progress: bool, vectorise: bool) -> str | None:
     """Train the group; or return why it cannot be trained together (nothing written then)."""
-    cuda, cfg = device.type == "cuda", cfgs[0]
+    cfg = cfgs[0]
+    nhwc = uses_channels_last(device, cfg.model)
     members = [_member(c, runs_dir, device) for c in cfgs]
     data = fold_data(cfg, device)
     (_, x_train, y_train), (_, x_val, y_val) = data["train"], data["val"]
@@ -295,7 +298,7 @@ def _fit_stacked(cfgs: list[TrainConfig], runs_dir: Path, device: torch.device,
         raise DataError(f"fold {cfg.fold} leaves {len(y_train)} training slice(s) for sampler "
                         f"{cfg.sampler!r}: not one batch of 2; check the splits and the cache")
     amp = autocast_dtype(device, cfg.precision)
-    ev = (4 * cfg.batch_size, amp, cuda)  # evaluate(): batch size, autocast, channels_last
+    ev = (4 * cfg.batch_size, amp, nhwc)  # evaluate(): batch size, autocast, channels_last
     teacher_logits: dict[Path, torch.Tensor] = {}  # one pass per teacher, shared
     for m in members:
         _setup(m, counts, steps, data, device, amp)
@@ -338,7 +341,7 @@ def _fit_stacked(cfgs: list[TrainConfig], runs_dir: Path, device: torch.device,
             epoch=epoch, teachers=[m.teacher for m in active],
             teacher_logits=[m.teacher_logits for m in active], augment=cfg.augment,
             generator=gens["augment"], amp=amp, scalers=[m.scaler for m in active],
-            channels_last=cuda, progress=progress)
+            channels_last=nhwc, progress=progress)
         val_out = stack.evaluate(x_val, *ev)
         seconds = (time.perf_counter() - t0) / len(active)  # the group's time, shared out
         for i, m in enumerate(active):

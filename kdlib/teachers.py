@@ -12,6 +12,7 @@ from torch import nn
 from kdlib import CLASSES
 from kdlib.criterion import logit_scale, needs_cosine_head
 from kdlib.data.splits import check_no_leakage, fold_subjects, load_splits
+from kdlib.device import uses_channels_last
 from kdlib.errors import DataError, RunError
 from kdlib.models import create_model, set_cosine_head
 from kdlib.paths import resolve
@@ -73,7 +74,7 @@ def load_teacher(cfg: TrainConfig, runs_dir: Path,
         raise RunError(f"teacher {folder}/model.pt does not fit model {tcfg.model!r}: "
                        f"{str(err).splitlines()[0]}") from None
     model = model.to(device)
-    if device.type == "cuda":
+    if uses_channels_last(device, tcfg.model):
         model = model.to(memory_format=torch.channels_last)
     return FrozenTeacher(model, logit_scale(tcfg.task_loss, tcfg.loss_params)), folder
 

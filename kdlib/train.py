@@ -32,6 +32,7 @@ from kdlib.device import (  # resolve_device is also re-exported
     make_optimizer,
     numerics_identity,
     resolve_device,
+    uses_channels_last,
 )
 from kdlib.errors import DataError, RunError
 from kdlib.identity import config_identity, run_id
@@ -242,10 +243,10 @@ def fit(cfg: TrainConfig | Mapping[str, Any] | str | Path, runs_dir: str | Path,
 
 def _fit(cfg: TrainConfig, runs_dir: Path, rid: str, tmp: Path, final: Path,
          device: torch.device, progress: bool) -> Path:
-    cuda = device.type == "cuda"
+    nhwc = uses_channels_last(device, cfg.model)
     torch.manual_seed(cfg.seed)  # the student's init first: a baseline and its students share it
     model = build_model(cfg, device)
-    if cuda:
+    if nhwc:
         model = model.to(memory_format=torch.channels_last)
     gens = {"order": torch.Generator().manual_seed(cfg.seed),
             "augment": torch.Generator().manual_seed(cfg.seed + 1)}
@@ -271,14 +272,15 @@ def _fit(cfg: TrainConfig, runs_dir: Path, rid: str, tmp: Path, final: Path,
                         f"{cfg.sampler!r}: not one batch of 2; check the splits and the cache")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.warmup_epochs * steps, cfg.epochs * steps))
-    ev = (4 * cfg.batch_size, amp, cuda)  # evaluate(): batch size, autocast, channels_last
+    ev = (4 * cfg.batch_size, amp, nhwc)  # evaluate(): batch size, autocast, channels_last
     teacher_logits = None
     if teacher is not None and cfg.cache_teacher_logits:
         teacher_logits = evaluate(teacher, x_train, *ev)
     identity = {"config": config_identity(cfg),
                 "data": data_fingerprint(data["cache"], data["splits"]),
                 "execution": execution_identity(device),
-                "numerics": numerics_identity(device, amp, cfg.deterministic, cfg.compile)}
+                "numerics": numerics_identity(device, amp, cfg.deterministic, cfg.compile,
+                                              nhwc)}
     state = {"epoch": 0, "best_epoch": 0, "best_score": None, "bad_epochs": 0, "stopped": False,
              "history": [], "best_model": None}
     ckpt_path = tmp / "checkpoint.pt"
@@ -306,7 +308,7 @@ def _fit(cfg: TrainConfig, runs_dir: Path, rid: str, tmp: Path, final: Path,
                 net, criterion, optimizer, scheduler, x_train, y_train, order,
                 batch_size=cfg.batch_size, epoch=epoch, teacher=teacher,
                 teacher_logits=teacher_logits, augment=cfg.augment, generator=gens["augment"],
-                amp=amp, scaler=scaler, channels_last=cuda, progress=progress)
+                amp=amp, scaler=scaler, channels_last=nhwc, progress=progress)
         except RunError as err:
             kept = (f"the last good checkpoint (epoch {state['epoch']}) is kept in {tmp}"
                     if state["epoch"] else f"no epoch finished; delete {tmp} to start over")

@@ -16,7 +16,7 @@ from helpers_train import tiny_config, tiny_train_data
 
 from kdlib import device as D
 from kdlib.errors import ConfigError, RunError
-from kdlib.models import count_parameters
+from kdlib.models import count_parameters, create_model
 from kdlib.train import TrainConfig
 
 GiB = 2**30
@@ -183,16 +183,47 @@ def test_cublas_workspace_is_set_when_kdlib_is_imported(preset, want):
 def test_fused_adamw_on_cuda_only():
     params = [torch.nn.Parameter(torch.zeros(3))]
     assert D.make_optimizer(params, 1e-3, 0.0, torch.device("cuda")).defaults["fused"] is True
-    assert not D.make_optimizer(params, 1e-3, 0.0, torch.device("cpu")).defaults["fused"]
+    cpu = D.make_optimizer(params, 1e-3, 0.0, torch.device("cpu"))
+    assert not cpu.defaults["fused"] and cpu.defaults["foreach"]
+
+
+def test_cpu_adamw_foreach_is_the_per_tensor_loop_bit_for_bit():
+    x, y = torch.randn(16, 4, 16, 16), torch.randint(0, 3, (16,))
+    weights = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        model = create_model("cnn_xs")
+        opt = (D.make_optimizer(model.parameters(), 3e-3, 1e-4, torch.device("cpu")) if foreach
+               else torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4,
+                                      foreach=False))
+        for _ in range(5):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(*weights)
+
+
+def test_channels_last_on_cuda_and_for_the_ladder_on_the_cpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert D.uses_channels_last(gpu, "resnet18") and D.uses_channels_last(gpu, "cnn_xs")
+    assert D.uses_channels_last(cpu, "cnn_xs") and D.uses_channels_last(cpu, "cnn_l")
+    assert not D.uses_channels_last(cpu, "resnet18")
+    assert not D.uses_channels_last(torch.device("mps"), "cnn_xs")
 
 
 def test_numerics_identity_and_resume_check(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "NVIDIA H200")
-    gpu = D.numerics_identity(torch.device("cuda"), torch.bfloat16, True, False)
+    gpu = D.numerics_identity(torch.device("cuda"), torch.bfloat16, True, False, True)
     assert gpu == {"gpu": "NVIDIA H200", "precision": "bf16", "deterministic": True,
-                   "compile": False}
-    cpu = D.numerics_identity(torch.device("cpu"), None, True, False)
+                   "compile": False, "memory_format": "channels_last"}
+    cpu = D.numerics_identity(torch.device("cpu"), None, True, False, True)
     assert cpu["gpu"] is None and cpu["precision"] == "fp32"
+    assert D.numerics_identity(torch.device("cpu"), None, True, False, False)["memory_format"] \
+        == "contiguous"
+    nchw = {k: v for k, v in cpu.items() if k != "memory_format"}  # a CPU run of kdlib <= 0.1
+    with pytest.raises(RunError, match=r"memory_format: None -> 'channels_last'"):
+        D.check_resume_numerics(cpu, nchw, tmp_path)
     D.check_resume_numerics(gpu, dict(gpu), tmp_path)
     D.check_resume_numerics(gpu, None, tmp_path)  # a checkpoint of an older kdlib
     other = {**gpu, "gpu": "NVIDIA A100-SXM4-80GB", "deterministic": False}

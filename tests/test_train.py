@@ -15,10 +15,12 @@ from helpers_train import tiny_config, tiny_train_data
 import kdlib.criterion
 import kdlib.data.loader
 import kdlib.device
+import kdlib.teachers
 import kdlib.train
 from kdlib import CLASSES
 from kdlib.errors import ConfigError, DataError, RunError
 from kdlib.identity import run_id
+from kdlib.metrics import PROB_COLUMNS as PROBS
 from kdlib.models import create_model
 from kdlib.results import load_history, load_predictions
 from kdlib.runs import RUN_FILES
@@ -351,8 +353,27 @@ def test_out_of_memory_is_a_run_error_naming_the_run_batch_size_and_fix(data, tm
 
 def test_env_records_the_numerics(teacher):
     env = json.loads((teacher / "env.json").read_text())
-    assert {k: env[k] for k in ("gpu", "precision", "deterministic", "compile")} == \
-        {"gpu": None, "precision": "fp32", "deterministic": True, "compile": False}
+    assert {k: env[k] for k in ("gpu", "precision", "deterministic", "compile",
+                                "memory_format")} == \
+        {"gpu": None, "precision": "fp32", "deterministic": True, "compile": False,
+         "memory_format": "channels_last"}
+
+
+def test_channels_last_on_the_cpu_agrees_with_nchw_to_float_tolerance(data, teacher, tmp_path,
+                                                                      monkeypatch):
+    """The CPU trains channels-last (faster oneDNN convolutions): the same run in NCHW sums in
+    another order, so it agrees to floating-point tolerance, not bit for bit."""
+    cfg = tiny_config(*data, distiller="kd", teacher=str(teacher), epochs=3)
+    nhwc = fit(cfg, tmp_path / "nhwc", progress=False)
+    for module in (kdlib.train, kdlib.teachers):
+        monkeypatch.setattr(module, "uses_channels_last", lambda device, model: False)
+    nchw = fit(cfg, tmp_path / "nchw", progress=False)
+    formats = [json.loads((p / "env.json").read_text())["memory_format"] for p in (nhwc, nchw)]
+    assert formats == ["channels_last", "contiguous"]
+    ha, hb = (load_history(p).drop(columns="time_s") for p in (nhwc, nchw))
+    pd.testing.assert_frame_equal(ha, hb, check_exact=False, rtol=1e-5, atol=1e-6)
+    pa, pb = (load_predictions(p)[list(PROBS)] for p in (nhwc, nchw))
+    pd.testing.assert_frame_equal(pa, pb, check_exact=False, rtol=0, atol=1e-5)
 
 
 def test_resume_refuses_another_gpu_model_or_determinism(data, tmp_path, monkeypatch):
@@ -366,7 +387,8 @@ def test_resume_refuses_another_gpu_model_or_determinism(data, tmp_path, monkeyp
     ckpt_path = tmp_path / f".tmp-{run_id(load_train_config(cfg))}" / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["identity"]["numerics"] == {"gpu": None, "precision": "fp32",
-                                            "deterministic": True, "compile": False}
+                                            "deterministic": True, "compile": False,
+                                            "memory_format": "channels_last"}
     ckpt["identity"]["numerics"]["gpu"] = "NVIDIA A100-SXM4-80GB"
     torch.save(ckpt, ckpt_path)
     with pytest.raises(RunError, match=r"cannot resume.*gpu: 'NVIDIA A100-SXM4-80GB' -> None"):
