@@ -4,7 +4,7 @@ the real-data profiles.
 For every (model, teacher) pair that the profiles' experiments train, at the profile's image size
 and batch size with 4 channels, it times `kdlib.train.train_step` as `fit` runs it (augmentation,
 the teacher's forward pass for a distilled student, autocast with a float32 head and loss, fused
-AdamW, channels_last on CUDA), after warm-up, with deterministic settings on and off. It prints:
+AdamW, fit's memory format: kdlib.device.uses_channels_last), after warm-up, with deterministic settings on and off. It prints:
 - training images/s per pair, evaluation images/s, and on CUDA the step's peak memory next to
   kdlib.device's estimate of it (the runs-per-device default rests on that estimate);
 - per profile, the projected hours of the whole experiment on one device: the sum over its runs
@@ -52,6 +52,7 @@ from kdlib.device import (
     make_optimizer,
     precision_name,
     resolve_device,
+    uses_channels_last,
 )
 from kdlib.experiment import Experiment
 from kdlib.identity import run_id
@@ -149,9 +150,10 @@ def _step_setup(model: str, teacher: str | None, size: int, batch: int, device: 
     net = create_model(model, in_channels=CHANNELS).to(device)
     t_net = FrozenTeacher(create_model(teacher, in_channels=CHANNELS).to(device)) if teacher \
         else None
-    if device.type == "cuda":
+    if uses_channels_last(device, model):  # fit's memory formats
         net = net.to(memory_format=torch.channels_last)
-        t_net = t_net.to(memory_format=torch.channels_last) if t_net else None
+    if t_net is not None and uses_channels_last(device, teacher):
+        t_net = t_net.to(memory_format=torch.channels_last)
     crit = build_criterion("ce", "kd" if teacher else None, [50, 35, 15], 30)
     opt = make_optimizer(net.parameters(), 1e-3, 1e-4, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(0, 10**6))
@@ -191,7 +193,8 @@ def measure_pair(model: str, teacher: str | None, size: int, batch: int, device:
     net, t_net, crit, opt, sched, x, y = _step_setup(model, teacher, size, batch, device)
     step_net = torch.compile(net) if compile_model else net
     kw = {"epoch": 1, "teacher": t_net, "augment": AugmentConfig(), "amp": amp,
-          "generator": torch.Generator().manual_seed(1), "channels_last": device.type == "cuda",
+          "generator": torch.Generator().manual_seed(1),
+          "channels_last": uses_channels_last(device, model),
           "scaler": torch.amp.GradScaler(device.type, enabled=amp == torch.float16)}
     out: dict = {}
     for det in modes:
@@ -272,7 +275,7 @@ def worker(args: list[str]) -> None:
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
     kw = {"epoch": 1, "teacher": t_net, "augment": AugmentConfig(), "amp": amp,
           "scaler": scaler, "generator": torch.Generator().manual_seed(1),
-          "channels_last": dev.type == "cuda"}
+          "channels_last": uses_channels_last(dev, model)}
     batches = torch.arange(4 * batch, device=dev).view(4, batch)
     with determinism(True, dev):
         for i in range(warmup):

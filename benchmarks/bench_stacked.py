@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train
 
 from kdlib.criterion import build_criterion
-from kdlib.device import autocast_dtype, make_optimizer
+from kdlib.device import autocast_dtype, make_optimizer, uses_channels_last
 from kdlib.models import create_model
 from kdlib.profiles import load_profile
 from kdlib.stack import Stack, train_group_epoch
@@ -82,7 +82,10 @@ def measure(name: str, n_runs: int, teacher: str | None = None, size: int = 40, 
     crit = build_criterion("ce", distiller, torch.bincount(y.cpu(), minlength=3).tolist(), 10)
     t_net = None
     if teacher:
-        t_net = FrozenTeacher(create_model(teacher, in_channels=channels).to(device))
+        t_model = create_model(teacher, in_channels=channels).to(device)
+        if channels_last and uses_channels_last(torch.device(device), teacher):
+            t_model = t_model.to(memory_format=torch.channels_last)
+        t_net = FrozenTeacher(t_model)
     kw = {"batch_size": batch, "epoch": 1, "augment": AugmentConfig(), "amp": amp,
           "channels_last": channels_last}
     gen = torch.Generator().manual_seed(1)
@@ -116,19 +119,20 @@ def measure(name: str, n_runs: int, teacher: str | None = None, size: int = 40, 
 def stacked_table(models: Sequence[str] = ("cnn_xs", "cnn_s"), runs: Sequence[int] = (1, 4, 8),
                   teacher: str | None = None, size: int = 40, batch: int = 64, channels: int = 4,
                   device: str = "cpu", amp: torch.dtype | bool | None = None,
-                  channels_last: bool = False, seconds: float = 2.0, repeats: int = 2
+                  channels_last: bool | None = None, seconds: float = 2.0, repeats: int = 2
                   ) -> list[dict[str, float | str]]:
     """Rows (model, runs, vmap_img_s, loop_img_s, alone_img_s), each figure the best of `repeats`
     measurements (alone: of all the model's measurements, since it does not depend on the number
-    of runs); what bench_cuda.py prints for a GPU."""
+    of runs); what bench_cuda.py prints for a GPU. channels_last None: fit's memory format."""
     rows = []
     for name in models:
         found = []
         for n in runs:
             best = {"vmap": 0.0, "loop": 0.0, "alone": 0.0}
             for _ in range(repeats):
-                got = measure(name, n, teacher, size, batch, channels, device, amp,
-                              channels_last, seconds)
+                nhwc = (uses_channels_last(torch.device(device), name) if channels_last is None
+                        else channels_last)
+                got = measure(name, n, teacher, size, batch, channels, device, amp, nhwc, seconds)
                 best = {k: max(best[k], got[k]) for k in best}
             found.append({"model": name, "runs": n, **{f"{k}_img_s": v for k, v in best.items()}})
         alone = max(r["alone_img_s"] for r in found)  # one run alone: the same figure for every n
@@ -199,7 +203,7 @@ def main() -> None:
           f"4 channels, batch {args.batch}, augmentation on, teacher {args.teacher}, {clock}")
     amp = autocast_dtype(torch.device(args.device))  # fit's: bf16 or fp16 on a GPU, None on a CPU
     print_table(stacked_table(args.models, args.runs, args.teacher, args.size, args.batch, 4,
-                              args.device, amp, gpu, args.seconds, args.repeats))
+                              args.device, amp, None, args.seconds, args.repeats))
     if args.end_to_end:
         r = end_to_end(args.device)
         print(f"\ndemo runs of fold 0 at ratio 4: {r['runs']:.0f} runs in {r['groups']:.0f} groups")
