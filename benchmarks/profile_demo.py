@@ -165,15 +165,19 @@ def training_parts(timeline: pd.DataFrame, windows: list[tuple[float, float]] | 
     """Worker-seconds of the training windows (the training cells' start and end; default: first
     run start to last run end) by part. Tasks (`worker_tasks`) go to their recorded worker, else
     in start order to the worker that became free last before the task started."""
-    workers = workers or concurrency(timeline)
     windows = windows or [(float(timeline["start"].min()), float(timeline["end"].max()))]
     first, between, after = PARTS_OF_GRID[2:]
     parts = dict.fromkeys(PARTS_OF_GRID, 0.0)
     tasks = worker_tasks(timeline)
+    total = 0.0
     for lo, hi in windows:
         now = tasks[(tasks["start"] >= lo) & (tasks["start"] <= hi)].sort_values("start")
         names = list(dict.fromkeys(w for w in now["worker"] if w))
-        slots = max(workers, len(names))
+        recorded = len(now) > 0 and bool(now["worker"].astype(bool).all())
+        # each window (a notebook's training cell) has its own worker processes
+        slots = workers or (len(names) if recorded else concurrency(now))
+        slots = max(slots, len(names))
+        total += slots * (hi - lo)
         free, started = [lo] * slots, [False] * slots
         for task in now.itertuples():
             if task.worker:
@@ -186,7 +190,6 @@ def training_parts(timeline: pd.DataFrame, windows: list[tuple[float, float]] | 
             parts[PARTS_OF_GRID[1]] += task.end - task.start - task.epochs_s
             free[w], started[w] = task.end, True
         parts[after] += sum(max(hi - f, 0.0) if s else hi - lo for f, s in zip(free, started))
-    total = sum(max(workers, 1) * (hi - lo) for lo, hi in windows)
     out = pd.DataFrame({"part": list(parts), "worker_s": list(parts.values())})
     out["share"] = out["worker_s"] / total if total > 0 else float("nan")
     return out
@@ -367,9 +370,9 @@ def report(home: Path, profile: str, instrument: bool = True, run_id: str | None
     n = workers or concurrency(timeline)
     span = sum(hi - lo for lo, hi in windows) if windows else \
         timeline["end"].max() - timeline["start"].min()
-    _print(f"training: {len(timeline)} runs on {n} worker(s), {span:.1f} s wall "
+    _print(f"training: {len(timeline)} runs on {n} worker process(es) in all, {span:.1f} s wall "
            f"({'the training cells' if windows else 'first run start to last run end'})",
-           training_parts(timeline, windows, n))
+           training_parts(timeline, windows, workers))
     _print("per model", per_model(timeline))
     if instrument:
         rid = pick_run(runs_dir, timeline, run_id)

@@ -119,3 +119,18 @@ def test_runs_trained_together_are_one_task_of_their_worker(tmp_path):
                                    (20 - 16) + (20 - 6)])  # after the last tasks
     shares = P.per_model(timeline).set_index("distilled")["run_s_per_run"]
     assert shares[True] == pytest.approx(9.7 / 2)  # b's span shared with a
+
+
+def test_each_training_cell_counts_only_its_own_worker_processes(tmp_path):
+    """Notebooks 02 and 03 each start two workers: four processes in all, two per window."""
+    t0 = 1_700_000_000.0
+    fake_run(tmp_path, "a", t0 + 1, t0 + 9, [4.0], pid=1)
+    fake_run(tmp_path, "b", t0 + 1, t0 + 8, [3.0], pid=2)
+    fake_run(tmp_path, "c", t0 + 21, t0 + 29, [4.0], pid=3)
+    fake_run(tmp_path, "d", t0 + 21, t0 + 30, [5.0], pid=4)
+    timeline = P.run_timeline(tmp_path)
+    assert P.concurrency(timeline) == 4
+    got = P.training_parts(timeline, [(t0, t0 + 10), (t0 + 20, t0 + 30)])
+    assert got["worker_s"].sum() == pytest.approx(2 * 10 + 2 * 10)
+    assert got["worker_s"].tolist()[-1] == pytest.approx((10 - 9) + (10 - 8) + (30 - 29) + 0)
+    assert got["share"].sum() == pytest.approx(1.0)
