@@ -4,7 +4,8 @@ the real-data profiles.
 For every (model, teacher) pair that the profiles' experiments train, at the profile's image size
 and batch size with 4 channels, it times `kdlib.train.train_step` as `fit` runs it (augmentation,
 the teacher's forward pass for a distilled student, autocast with a float32 head and loss, fused
-AdamW, fit's memory format: kdlib.device.uses_channels_last), after warm-up, with deterministic settings on and off. It prints:
+AdamW, fit's memory formats: kdlib.device.uses_channels_last), after warm-up, with deterministic
+settings on and off. It prints:
 - training images/s per pair, evaluation images/s, and on CUDA the step's peak memory next to
   kdlib.device's estimate of it (the runs-per-device default rests on that estimate);
 - per profile, the projected hours of the whole experiment on one device: the sum over its runs
@@ -52,6 +53,7 @@ from kdlib.device import (
     make_optimizer,
     precision_name,
     resolve_device,
+    to_run_device,
     uses_channels_last,
 )
 from kdlib.experiment import Experiment
@@ -147,13 +149,9 @@ def _step_setup(model: str, teacher: str | None, size: int, batch: int, device: 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4 * batch, CHANNELS, size, size, generator=g).half().to(device)
     y = torch.multinomial(torch.tensor([0.5, 0.35, 0.15]), 4 * batch, True, generator=g)
-    net = create_model(model, in_channels=CHANNELS).to(device)
-    t_net = FrozenTeacher(create_model(teacher, in_channels=CHANNELS).to(device)) if teacher \
-        else None
-    if uses_channels_last(device, model):  # fit's memory formats
-        net = net.to(memory_format=torch.channels_last)
-    if t_net is not None and uses_channels_last(device, teacher):
-        t_net = t_net.to(memory_format=torch.channels_last)
+    net = to_run_device(create_model(model, in_channels=CHANNELS), device, model)
+    t_net = FrozenTeacher(to_run_device(create_model(teacher, in_channels=CHANNELS), device,
+                                        teacher)) if teacher else None
     crit = build_criterion("ce", "kd" if teacher else None, [50, 35, 15], 30)
     opt = make_optimizer(net.parameters(), 1e-3, 1e-4, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(0, 10**6))

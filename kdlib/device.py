@@ -105,6 +105,12 @@ def uses_channels_last(device: torch.device, model: str) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and model in LADDER_BUILDERS)
 
 
+def to_run_device(model: torch.nn.Module, device: torch.device, name: str) -> torch.nn.Module:
+    """`model` (of architecture `name`) on `device`, in the memory format its runs use there."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if uses_channels_last(device, name) else model
+
+
 def numerics_identity(device: torch.device, dtype: torch.dtype | None, deterministic: bool,
                       compiled: bool, channels_last: bool) -> dict[str, Any]:
     """What besides the config and the data decides a run's numbers: the GPU model (None on the

@@ -232,18 +232,16 @@ def fit_group(cfgs: Sequence[TrainConfig | dict | str | Path], runs_dir: str | P
 def _member(cfg: TrainConfig, runs_dir: Path, device: torch.device) -> _Member:
     rid = run_id(cfg)
     torch.manual_seed(cfg.seed)  # fit's order: the student's init first
-    model = build_model(cfg, device)
-    if uses_channels_last(device, cfg.model):
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(cfg, device)  # in its run's memory format
     teacher, teacher_path = load_teacher(cfg, runs_dir, device) if cfg.teacher else (None, None)
     return _Member(cfg, rid, runs_dir / f".tmp-{rid}", runs_dir / rid, model, teacher,
                    teacher_path)
 
 
 def _setup(m: _Member, counts: list[int], steps: int, data: dict[str, Any],
-           device: torch.device, amp: torch.dtype | None) -> None:
+           device: torch.device, amp: torch.dtype | None, nhwc: bool) -> None:
     """Criterion, optimizer, schedule, gradient scaler and state of a member, as in fit, from its
-    checkpoint when there is one."""
+    checkpoint when there is one (`nhwc`: the group's memory format)."""
     cfg = m.cfg
     m.criterion = build_criterion(cfg.task_loss, cfg.distiller, counts, cfg.epochs, cfg.loss_kw)
     m.scale = getattr(m.criterion, "logit_scale", None) or logit_scale(cfg.task_loss,
@@ -256,7 +254,7 @@ def _setup(m: _Member, counts: list[int], steps: int, data: dict[str, Any],
                   "data": _runs.data_fingerprint(data["cache"], data["splits"]),
                   "execution": _runs.execution_identity(device),
                   "numerics": numerics_identity(device, amp, cfg.deterministic, cfg.compile,
-                                                uses_channels_last(device, cfg.model))}
+                                                nhwc)}
     m.state = {"epoch": 0, "best_epoch": 0, "best_score": None, "bad_epochs": 0,
                "stopped": False, "history": [], "best_model": None}
     ckpt_path = m.tmp / "checkpoint.pt"
@@ -301,7 +299,7 @@ def _fit_stacked(cfgs: list[TrainConfig], runs_dir: Path, device: torch.device,
     ev = (4 * cfg.batch_size, amp, nhwc)  # evaluate(): batch size, autocast, channels_last
     teacher_logits: dict[Path, torch.Tensor] = {}  # one pass per teacher, shared
     for m in members:
-        _setup(m, counts, steps, data, device, amp)
+        _setup(m, counts, steps, data, device, amp, nhwc)
         if m.teacher is not None and m.cfg.cache_teacher_logits:
             if m.teacher_path not in teacher_logits:
                 teacher_logits[m.teacher_path] = evaluate(m.teacher, x_train, *ev)

@@ -12,7 +12,7 @@ from torch import nn
 from kdlib import CLASSES
 from kdlib.criterion import logit_scale, needs_cosine_head
 from kdlib.data.splits import check_no_leakage, fold_subjects, load_splits
-from kdlib.device import uses_channels_last
+from kdlib.device import to_run_device
 from kdlib.errors import DataError, RunError
 from kdlib.models import create_model, set_cosine_head
 from kdlib.paths import resolve
@@ -47,7 +47,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
                          weights=cfg.weights)
     if needs_cosine_head(cfg.task_loss):
         model = set_cosine_head(model)
-    return model.to(device)
+    return to_run_device(model, device, cfg.model)
 
 
 def load_teacher(cfg: TrainConfig, runs_dir: Path,
@@ -73,9 +73,7 @@ def load_teacher(cfg: TrainConfig, runs_dir: Path,
     except RuntimeError as err:
         raise RunError(f"teacher {folder}/model.pt does not fit model {tcfg.model!r}: "
                        f"{str(err).splitlines()[0]}") from None
-    model = model.to(device)
-    if uses_channels_last(device, tcfg.model):
-        model = model.to(memory_format=torch.channels_last)
+    model = to_run_device(model, device, tcfg.model)
     return FrozenTeacher(model, logit_scale(tcfg.task_loss, tcfg.loss_params)), folder
 
 

@@ -245,9 +245,7 @@ def _fit(cfg: TrainConfig, runs_dir: Path, rid: str, tmp: Path, final: Path,
          device: torch.device, progress: bool) -> Path:
     nhwc = uses_channels_last(device, cfg.model)
     torch.manual_seed(cfg.seed)  # the student's init first: a baseline and its students share it
-    model = build_model(cfg, device)
-    if nhwc:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(cfg, device)  # in its run's memory format
     gens = {"order": torch.Generator().manual_seed(cfg.seed),
             "augment": torch.Generator().manual_seed(cfg.seed + 1)}
     teacher, teacher_path = load_teacher(cfg, runs_dir, device) if cfg.teacher else (None, None)
