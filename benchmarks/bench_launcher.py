@@ -97,7 +97,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="measure each order this many times, alternating which goes first")
     p.add_argument("--orders", nargs="+", choices=["level", "graph", "grouped"],
-                   default=["level", "graph", "grouped"], help="which to measure, in this order (default all)")
+                   default=["level", "graph", "grouped"],
+                   help="which to measure, in this order (default all)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as home:
         os.environ["KDLIB_HOME"] = home

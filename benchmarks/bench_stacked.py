@@ -126,12 +126,12 @@ def stacked_table(models: Sequence[str] = ("cnn_xs", "cnn_s"), runs: Sequence[in
     of runs); what bench_cuda.py prints for a GPU. channels_last None: fit's memory format."""
     rows = []
     for name in models:
+        nhwc = (uses_channels_last(torch.device(device), name) if channels_last is None
+                else channels_last)
         found = []
         for n in runs:
             best = {"vmap": 0.0, "loop": 0.0, "alone": 0.0}
             for _ in range(repeats):
-                nhwc = (uses_channels_last(torch.device(device), name) if channels_last is None
-                        else channels_last)
                 got = measure(name, n, teacher, size, batch, channels, device, amp, nhwc, seconds)
                 best = {k: max(best[k], got[k]) for k in best}
             found.append({"model": name, "runs": n, **{f"{k}_img_s": v for k, v in best.items()}})
@@ -151,8 +151,8 @@ def print_table(rows: list[dict[str, float | str]]) -> None:
 
 
 def end_to_end(device: str = "cpu", progress: bool = False) -> dict[str, float]:
-    """CPU and wall seconds of the demo's runs of DEMO_CUT trained one by one (fit) and in groups (fit_group),
-    in a temporary output root; also the number of runs and groups."""
+    """CPU and wall seconds of the demo's runs of DEMO_CUT trained one by one (fit) and in groups
+    (fit_group), in a temporary output root; also the number of runs and groups."""
     from kdlib import workbook
     from kdlib.experiment import Experiment
 
@@ -190,6 +190,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per figure (best)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--nchw", action="store_true",
+                        help="train in NCHW instead of fit's memory format (to compare the two)")
     parser.add_argument("--end-to-end", action="store_true",
                         help="also train the demo's runs of one fold, alone and grouped")
     args = parser.parse_args()
@@ -203,7 +205,8 @@ def main() -> None:
           f"4 channels, batch {args.batch}, augmentation on, teacher {args.teacher}, {clock}")
     amp = autocast_dtype(torch.device(args.device))  # fit's: bf16 or fp16 on a GPU, None on a CPU
     print_table(stacked_table(args.models, args.runs, args.teacher, args.size, args.batch, 4,
-                              args.device, amp, None, args.seconds, args.repeats))
+                              args.device, amp, False if args.nchw else None, args.seconds,
+                              args.repeats))
     if args.end_to_end:
         r = end_to_end(args.device)
         print(f"\ndemo runs of fold 0 at ratio 4: {r['runs']:.0f} runs in {r['groups']:.0f} groups")

@@ -163,7 +163,8 @@ PARTS_OF_GRID = ("training epochs (forward/backward, validation)",
 def training_parts(timeline: pd.DataFrame, windows: list[tuple[float, float]] | None = None,
                    workers: int | None = None) -> pd.DataFrame:
     """Worker-seconds of the training windows (the training cells' start and end; default: first
-    run start to last run end) by part. Tasks (`worker_tasks`) go to their recorded worker, else
+    run start to last run end) by part, with `workers` per window (default: the window's own, as
+    each training cell starts its own). Tasks (`worker_tasks`) go to their recorded worker, else
     in start order to the worker that became free last before the task started."""
     windows = windows or [(float(timeline["start"].min()), float(timeline["end"].max()))]
     first, between, after = PARTS_OF_GRID[2:]
@@ -173,10 +174,7 @@ def training_parts(timeline: pd.DataFrame, windows: list[tuple[float, float]] | 
     for lo, hi in windows:
         now = tasks[(tasks["start"] >= lo) & (tasks["start"] <= hi)].sort_values("start")
         names = list(dict.fromkeys(w for w in now["worker"] if w))
-        recorded = len(now) > 0 and bool(now["worker"].astype(bool).all())
-        # each window (a notebook's training cell) has its own worker processes
-        slots = workers or (len(names) if recorded else concurrency(now))
-        slots = max(slots, len(names))
+        slots = max(workers or concurrency(now), len(names))
         total += slots * (hi - lo)
         free, started = [lo] * slots, [False] * slots
         for task in now.itertuples():
