@@ -133,7 +133,8 @@ def env_info(device: str = "cpu") -> dict[str, Any]:
     dev = torch.device(device)
     return {
         "python": sys.version.split()[0], "torch": torch.__version__,
-        "torchvision": metadata.version("torchvision"), "kdlib": kdlib.__version__, "git_commit": commit,
+        "torchvision": metadata.version("torchvision"), "kdlib": kdlib.__version__,
+        "git_commit": commit,
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
         else platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
         "hostname": socket.gethostname(), "pid": os.getpid(), "platform": platform.platform(),
