@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import nbformat
+import psutil
 import pytest
 import yaml
 
@@ -285,6 +286,30 @@ def test_run_profile_executes_and_writes_the_copy(tmp_path, monkeypatch):
     man = yaml.safe_load((tmp_path / "home" / "runs" / "tiny" / "manifest.yaml").read_text())
     assert man["experiment"] == {**Experiment().to_dict(), "epochs": 5}
     assert man["experiment_source"].endswith("tiny.yaml with -p {'epochs': 5}")
+
+
+def test_run_profile_stops_the_kernel_and_its_children_at_once(tmp_path, monkeypatch):
+    """A kernel that used multiprocessing (the launcher's workers start the resource tracker, which
+    ignores SIGTERM) is stopped at once with its process group: no exit handler runs after the
+    last cell, and no process is left behind."""
+    monkeypatch.setenv("KDLIB_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(STATIC_ENV, raising=False)
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    pids, marker = tmp_path / "pids.txt", tmp_path / "atexit.txt"
+    write_notebook(folder / "00_mp.ipynb", "x: int = 1",
+                   "import atexit, multiprocessing, os, psutil, pathlib\n"
+                   "lock = multiprocessing.get_context('spawn').Lock()  # starts the tracker\n"
+                   f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'torn down')\n"
+                   "kids = [p.pid for p in psutil.Process().children(recursive=True)]\n"
+                   f"pathlib.Path({str(pids)!r}).write_text(' '.join(map(str, [os.getpid(), *kids])))")
+    run_profile(str(_profile_file(tmp_path)), notebooks_dir=folder, log_output=False,
+                progress_bar=False)
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 2  # the kernel and the resource tracker
+    gone = psutil.wait_procs([psutil.Process(p) for p in started if psutil.pid_exists(p)],
+                             timeout=5)[1] == []
+    assert gone and not marker.exists()
 
 
 def test_run_profile_failure_names_the_notebook_and_the_copy(tmp_path, monkeypatch):
