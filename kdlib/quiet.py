@@ -43,7 +43,6 @@ class Repeats:
     stream: TextIO | None = None  # None: sys.stderr when printing
     log: Path | None = None  # where worker processes append theirs
     seen: dict[str, list] = field(default_factory=dict, repr=False)
-    offset: int = field(default=0, repr=False)
     restore: Callable[[], None] = field(default=lambda: None, repr=False)
 
     def add(self, key: str, text: str) -> None:
@@ -56,15 +55,18 @@ class Repeats:
             entry[1] += 1
 
     def collect(self) -> None:
-        """Take in what worker processes appended to the log since the last call."""
-        if self.log is None or not self.log.is_file():
+        """Take in, and remove, what worker processes appended to the log since the last call
+        (a worker appending later creates it again): no log outlives the notebook's last cell."""
+        if self.log is None:
             return
-        with open(self.log, "rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        complete = data[:data.rfind(b"\n") + 1]  # a line being written waits for the next call
-        self.offset += len(complete)
-        for line in complete.decode(errors="replace").splitlines():
+        taken = self.log.with_name(self.log.name + ".taken")
+        try:
+            os.replace(self.log, taken)
+        except FileNotFoundError:
+            return
+        data = taken.read_bytes()
+        taken.unlink()
+        for line in data.decode(errors="replace").splitlines():
             with contextlib.suppress(ValueError, KeyError):
                 item = json.loads(line)
                 self.add(item["key"], item["text"])

@@ -84,6 +84,11 @@ def test_worker_processes_write_to_the_notebooks_log_not_the_terminal(tmp_path, 
         assert lines[-2].startswith("(repeated 11 more times) WARNING kdlib.data.splits: fold 0")
         assert lines[-1].startswith("(repeated 1 more time) ") and "from a worker" in lines[-1]
         log = repeats.log
+        assert not log.exists()  # taken in after each cell: a kernel that is killed leaves none
+        subprocess.run([sys.executable, "-c", code], env=env, check=True)  # a later cell's worker
+        fake.run_cell()
+        assert out.getvalue().splitlines()[-2].startswith("(repeated 5 more times) WARNING kdlib")
+        assert not log.exists()
     finally:
         repeats.restore()
     assert quiet.LOG_ENV not in os.environ and not log.exists() and not fake.callbacks
