@@ -2,7 +2,8 @@
 
 `launch(entries, runs_dir, executor)` is a dependency-graph scheduler: a run is handed to the
 executor as soon as the plan runs it depends on (its teacher) are finished, without waiting for
-the rest of their level; with a pool of workers, the ready runs that others wait for go first.
+the rest of their level; with a pool of workers, the ready runs that others wait for go first,
+and at the end the last groups are cut so that no worker waits while another trains them.
 Runs that share their data (the baselines and distillers of one student on one fold) are trained
 together in one task (`kdlib.stacked.fit_group`: one batch and one teacher pass for all). Executors: local worker processes (`local_executor`: one pinned worker
 per listed device, or N single-threaded CPU workers; long-lived, so a worker's caches serve many
@@ -284,6 +285,20 @@ def _units(entries: list[PlanEntry], runs_dir: Path, group: int) -> list[list[Pl
     return sorted(units, key=lambda u: min(first[e.run_id] for e in u))
 
 
+def _spread(ready: list[list[PlanEntry]], workers: int) -> list[list[PlanEntry]]:
+    """The last units cut so that each of `workers` gets one: while there are fewer units than
+    workers, the largest group is halved in place. Otherwise one worker trains the last group
+    while the others wait; a run gives the same numbers in any group (kdlib.stacked)."""
+    units = list(ready)
+    while 0 < len(units) < workers:
+        i = max(range(len(units)), key=lambda k: len(units[k]))
+        if len(units[i]) < 2:
+            break
+        half = (len(units[i]) + 1) // 2
+        units[i:i + 1] = [units[i][:half], units[i][half:]]
+    return units
+
+
 def summary(results: Mapping[str, RunResult]) -> str:
     """One line of counts per status, then one line per failed or skipped run."""
     counts = {s: sum(r.status == s for r in results.values())
@@ -361,6 +376,8 @@ def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = N
                     if unit:
                         ready.append(unit)
             ready.sort(key=priority)
+            if workers and not waiting:  # the launch's tail: no run left waits for a teacher
+                ready = _spread(ready, workers)
             free = len(ready) if slots is None else max(0, slots - len(running))
             batch, ready = ready[:free], ready[free:]
             tasks = [_task(unit, runs_dir, progress and inline, threads) for unit in batch]

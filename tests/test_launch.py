@@ -142,6 +142,42 @@ def test_runs_sharing_their_data_go_as_one_group_after_all_their_teachers(grid, 
     assert [r.status for r in out["result"].values()] == ["trained"] * 5
 
 
+class PoolHandExecutor(HandExecutor):
+    _max_workers = 2  # seen by launch as a pool of two workers
+
+
+def test_the_last_group_is_shared_out_to_the_idle_workers(grid, tmp_path):
+    """With a pool of two, the students' group (the last task of the launch) goes as two halves:
+    one worker would otherwise train all three while the other waits."""
+    ids = {k: rid for k, (_, rid) in grid.items()}
+    plan = make_plan([grid[k][0] for k in ("s1", "s2", "t1", "t2", "b")])
+    ex = PoolHandExecutor()
+    thread, out = in_thread(lambda: launch(plan, tmp_path, ex, progress=False, poll_s=0.01))
+    assert ex.wait_for(2) == [ids["t1"], ids["t2"]]
+    ex.finish(ids["t1"])
+    ex.finish(ids["t2"])
+    students = [e.run_id for e in plan if e.run_id in (ids["s1"], ids["s2"], ids["b"])]
+    halves = ["+".join(students[:2]), students[2]]
+    assert ex.wait_for(4)[2:] == halves
+    ex.futures[halves[0]].set_result([RunResult(rid, "trained") for rid in students[:2]])
+    ex.finish(halves[1])
+    thread.join(30)
+    assert [r.status for r in out["result"].values()] == ["trained"] * 5
+
+
+def test_spread_halves_the_largest_group_until_each_worker_has_one(grid):
+    plan = {e.run_id: e for e in make_plan([v for v, _ in grid.values()])}
+    a, b, c, d, e = plan.values()
+    sizes = lambda units: [len(u) for u in units]
+    assert sizes(L._spread([[a, b, c, d, e]], 2)) == [3, 2]
+    assert sizes(L._spread([[a, b, c, d, e]], 4)) == [1, 1, 1, 2]
+    assert sizes(L._spread([[a], [b, c, d]], 3)) == [1, 2, 1]
+    assert sizes(L._spread([[a], [b, c]], 2)) == [1, 2]  # as many units as workers: kept
+    assert sizes(L._spread([[a], [b]], 4)) == [1, 1]  # single runs cannot be cut
+    assert L._spread([], 2) == []
+    assert L._spread([[a, b, c, d, e]], 5)[0] == [a]  # halves keep the plan's order
+
+
 def test_groups_are_cut_to_the_group_size(grid, tmp_path):
     ids = {k: rid for k, (_, rid) in grid.items()}
     plan = make_plan([grid[k][0] for k in ("s1", "s2", "t1", "t2", "b")])
