@@ -6,7 +6,6 @@ kdlib.sizing gives the design's power, kdlib.answers turns the tables into the a
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from kdlib.hypotheses import Family, cell_arms, cell_family, effect_table, famil
 from kdlib.metrics import check_predictions, run_metrics
 from kdlib.paths import resolve
 from kdlib.predictions import class_probabilities
+from kdlib.ratios import in_ratios
 from kdlib.results import load_predictions
 from kdlib.stats import check_boot_settings, check_metrics, check_same_test_set, summarize_runs
 
@@ -38,19 +38,6 @@ BASELINE = "ce"
 POSTHOC = "ce+posthoc"
 PRIMARY = "Q1 primary"
 Q2_FAMILY = "Q2 teacher x student"
-
-
-def _ratio_key(value) -> float:
-    """Ratios as floats with the natural ratio (None/NaN) as NaN, for matching table rows."""
-    return float("nan") if value is None or (isinstance(value, float) and math.isnan(value)) \
-        else float(value)
-
-
-def in_ratios(col: pd.Series, ratios: Sequence) -> pd.Series:
-    """Rows of a ratio column that are in `ratios`, None/NaN standing for the natural ratio."""
-    keys = [_ratio_key(r) for r in ratios]
-    natural = any(math.isnan(k) for k in keys)
-    return col.isin([k for k in keys if not math.isnan(k)]) | (col.isna() & natural)
 
 
 def posthoc_predictions(pred: pd.DataFrame, class_counts: Sequence[int], tau: float = 1.0

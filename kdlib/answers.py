@@ -11,8 +11,9 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from kdlib.analysis import PRIMARY, in_ratios
+from kdlib.analysis import PRIMARY
 from kdlib.hypotheses import EXPLORATORY
+from kdlib.ratios import in_ratios
 
 
 def plural(n: int, word: str) -> str:

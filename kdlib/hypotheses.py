@@ -32,6 +32,7 @@ from kdlib.comparisons import (
     split_differences,
 )
 from kdlib.errors import ConfigError, DataError
+from kdlib.ratios import ratio_key, same_ratio
 from kdlib.stats import check_boot_settings, holm
 
 EXPLORATORY = "exploratory"
@@ -41,15 +42,6 @@ MARGIN = 0.02
 MIN_CELLS = 4
 MIN_DISTINCT_X = 3
 DESIGNS = ("cv", "holdout")
-
-
-def _ratio_key(value) -> float:
-    return np.nan if value is None or pd.isna(value) else float(value)
-
-
-def _same_ratio(a, b) -> bool:
-    a, b = _ratio_key(a), _ratio_key(b)
-    return (np.isnan(a) and np.isnan(b)) or a == b
 
 
 @dataclass(frozen=True)
@@ -89,7 +81,7 @@ class Family:
     def covers(self, method: str, baseline: str, ratio, metric: str) -> bool:
         """True when (method, baseline) at `ratio` on `metric` is one of this family's hypotheses."""
         return metric == self.metric and (method, baseline) in self.pairs and any(
-            _same_ratio(ratio, r) for r in self.ratios)
+            same_ratio(ratio, r) for r in self.ratios)
 
 
 def family(name: str, methods: Sequence[str], baselines: Sequence[str],
@@ -131,7 +123,7 @@ def _comparisons(runs: pd.DataFrame, families: Sequence[Family], column: str,
                  baselines: Sequence[str] | None) -> list[tuple[str, str, str, object, str]]:
     """(family or exploratory, method, baseline, ratio, metric) for every comparison to report."""
     arms = list(dict.fromkeys(runs[column].dropna()))
-    ratios = list(dict.fromkeys(_ratio_key(r) for r in runs["ratio"]))
+    ratios = list(dict.fromkeys(ratio_key(r) for r in runs["ratio"]))
     base = list(baselines) if baselines is not None else list(dict.fromkeys(
         b for f in families for _, b in f.pairs))
     out, seen = [], set()
@@ -142,12 +134,12 @@ def _comparisons(runs: pd.DataFrame, families: Sequence[Family], column: str,
     for f in families:
         for (m, b) in f.pairs:
             for r in f.ratios:
-                if m not in arms or b not in arms or not any(_same_ratio(r, x) for x in ratios):
+                if m not in arms or b not in arms or not any(same_ratio(r, x) for x in ratios):
                     raise DataError(f"family {f.name!r}: {m!r} against {b!r} at ratio {r} has no "
                                     f"runs in column {column!r} (arms: {arms[:12]}); run them or "
                                     "declare the family from the experiment's methods")
-                out.append((f.name, m, b, _ratio_key(r), f.metric))
-                seen.add(key(m, b, _ratio_key(r), f.metric))
+                out.append((f.name, m, b, ratio_key(r), f.metric))
+                seen.add(key(m, b, ratio_key(r), f.metric))
     for metric in dict.fromkeys(f.metric for f in families):
         for b in base:
             for m in arms:
@@ -159,7 +151,7 @@ def _comparisons(runs: pd.DataFrame, families: Sequence[Family], column: str,
 
 
 def _at_ratio(runs: pd.DataFrame, ratio) -> pd.DataFrame:
-    r = _ratio_key(ratio)
+    r = ratio_key(ratio)
     return runs[runs["ratio"].isna()] if np.isnan(r) else runs[runs["ratio"] == r]
 
 

@@ -9,11 +9,12 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from kdlib.analysis import PRIMARY, in_ratios
+from kdlib.analysis import PRIMARY
 from kdlib.answers import design_phrase
 from kdlib.comparisons import split_differences
 from kdlib.errors import DataError
 from kdlib.power import min_detectable_gain, power_summary, smallest_design
+from kdlib.ratios import in_ratios
 
 TARGET_GAIN = 0.05
 """The gain the power section sizes the design for (e.g. +0.05 LGG F1)."""
