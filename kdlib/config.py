@@ -58,12 +58,20 @@ def check_range(name: str, value: float, lo: float | None = None, hi: float | No
         raise ConfigError(f"{name}={value!r} must lie in [{lo}, {hi}]")
 
 
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's: 8x faster, same data
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, parsed by libyaml when PyYAML has it (a run table reads hundreds of files)."""
+    return yaml.load(text, Loader=_SAFE_LOADER)  # a safe loader: plain data only
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with a clear error for a missing file or a non-mapping document."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; check the path")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a YAML mapping of settings, got {type(data).__name__}")
     return data

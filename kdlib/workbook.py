@@ -10,10 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kdlib import MODALITIES
-from kdlib.config import check_choice, from_dict, to_dict
+from kdlib.config import check_choice, from_dict, load_yaml, to_dict
 from kdlib.data.cache import PrepConfig, load_slice_table, prepare_cache
 from kdlib.data.phantom import PhantomConfig
 from kdlib.data.phantom_files import make_phantom
@@ -44,7 +42,7 @@ def _map_paths(data: dict[str, Any], fn) -> dict[str, Any]:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    return _map_paths(yaml.safe_load(path.read_text()) or {}, lambda p: str(resolve(p)))
+    return _map_paths(load_yaml(path.read_text()) or {}, lambda p: str(resolve(p)))
 
 
 def read_manifest(profile: str) -> dict[str, Any]:

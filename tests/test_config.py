@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
-from kdlib.config import check_choice, check_range, from_dict, read_yaml, to_dict
+from kdlib.config import check_choice, check_range, from_dict, load_yaml, read_yaml, to_dict
 from kdlib.errors import ConfigError
 
 
@@ -52,3 +53,13 @@ def test_read_yaml_errors(tmp_path):
     assert read_yaml(tmp_path / "empty.yaml") == {}
     (tmp_path / "ok.yaml").write_text("epochs: 3\n")
     assert read_yaml(tmp_path / "ok.yaml") == {"epochs": 3}
+
+
+def test_load_yaml_gives_what_safe_load_gives():
+    """libyaml's parser (when present) reads kdlib's files to the same data as PyYAML's."""
+    root = Path(__file__).resolve().parent.parent
+    texts = [p.read_text() for p in sorted((root / "profiles").glob("*.yaml"))]
+    texts.append("a: 1e-4\nb: 0.003\nc: [1, 4, null]\nd: {x: yes, y: ~}\ne: '0.5'\nf: 2026-01-01\n")
+    assert texts and all(load_yaml(t) == yaml.safe_load(t) for t in texts)
+    with pytest.raises(yaml.YAMLError):
+        load_yaml("a: !!python/object/apply:os.system ['true']\n")  # safe: no Python objects
