@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from kdlib.config import write_yaml
 from kdlib.data.cache import PrepConfig, prepare_cache
 from kdlib.data.phantom import PhantomConfig
 from kdlib.data.phantom_files import make_phantom
@@ -37,7 +38,6 @@ from kdlib.device import default_runs_per_device, grid_devices, resolve_device, 
 from kdlib.grid import expand_grid, run_grid
 from kdlib.identity import run_id
 from kdlib.results import load_history
-from kdlib.runs import write_yaml
 from kdlib.train import fit
 from kdlib.train_config import load_train_config
 

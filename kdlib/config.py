@@ -1,8 +1,10 @@
-"""Configuration is data: frozen dataclasses built from plain dicts (YAML), validated on construction."""
+"""Configuration is data: frozen dataclasses built from plain dicts (YAML), validated on construction;
+YAML files read with clear errors and written atomically."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,3 +77,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a YAML mapping of settings, got {type(data).__name__}")
     return data
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file, then rename: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_yaml(path: Path, data: Mapping[str, Any]) -> None:
+    """Write a mapping as YAML (keys in the given order), atomically."""
+    write_text_atomic(path, yaml.safe_dump(dict(data), sort_keys=False))

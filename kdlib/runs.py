@@ -23,9 +23,9 @@ from typing import Any
 
 import pandas as pd
 import torch
-import yaml
 
 import kdlib
+from kdlib.config import write_text_atomic
 from kdlib.errors import RunError
 from kdlib.paths import resolve
 
@@ -111,17 +111,6 @@ def save_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_yaml(path: Path, data: Mapping[str, Any]) -> None:
-    """Write a mapping as YAML (keys in the given order), atomically."""
-    _write_text(path, yaml.safe_dump(dict(data), sort_keys=False))
-
-
 def env_info(device: str = "cpu") -> dict[str, Any]:
     """Versions, git commit, device, host and time of a run (env.json)."""
     try:
@@ -151,8 +140,8 @@ def finish_run(tmp: Path, final: Path, pred: pd.DataFrame, metrics: Mapping[str,
     history.to_csv(tmp / "history.csv", index=False)
     save_atomic(tmp / "model.pt", dict(model_state))
     env = {**env_info(env.get("device", "cpu")), **env}
-    _write_text(tmp / "env.json", json.dumps(env, indent=1))
-    _write_text(tmp / "metrics.json", json.dumps(dict(metrics), indent=1))
+    write_text_atomic(tmp / "env.json", json.dumps(env, indent=1))
+    write_text_atomic(tmp / "metrics.json", json.dumps(dict(metrics), indent=1))
     (tmp / "checkpoint.pt").unlink(missing_ok=True)
     try:
         os.rename(tmp, final)

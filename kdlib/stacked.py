@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from kdlib import CLASSES
 from kdlib import runs as _runs
+from kdlib.config import write_yaml
 from kdlib.criterion import build_criterion, logit_scale, needs_cosine_head
 from kdlib.data import loader
 from kdlib.data.folds import fold_data
@@ -270,7 +271,7 @@ def _setup(m: _Member, counts: list[int], steps: int, data: dict[str, Any],
         m.state, m.rng = ckpt["state"], ckpt["rng"]
     else:
         m.tmp.mkdir(parents=True, exist_ok=True)
-        _runs.write_yaml(m.tmp / "config.yaml", cfg.to_dict())
+        write_yaml(m.tmp / "config.yaml", cfg.to_dict())
 
 
 def _fit_stacked(cfgs: list[TrainConfig], runs_dir: Path, device: torch.device,

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kdlib import CLASSES, MINORITY
+from kdlib.config import write_yaml
 from kdlib.criterion import build_criterion, logit_scale
 from kdlib.data import loader
 from kdlib.data.folds import fold_data
@@ -47,7 +48,6 @@ from kdlib.runs import (
     finish_run,
     is_finished,
     save_atomic,
-    write_yaml,
 )
 from kdlib.teachers import FrozenTeacher, build_model, load_teacher
 from kdlib.train_config import AugmentConfig, TrainConfig, load_train_config

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlib import MODALITIES
-from kdlib.config import check_choice, from_dict, load_yaml, to_dict
+from kdlib.config import check_choice, from_dict, load_yaml, to_dict, write_yaml
 from kdlib.data.cache import PrepConfig, load_slice_table, prepare_cache
 from kdlib.data.phantom import PhantomConfig
 from kdlib.data.phantom_files import make_phantom
@@ -25,7 +25,6 @@ from kdlib.data.splits import (
 )
 from kdlib.errors import ConfigError, DataError
 from kdlib.paths import ProfilePaths, portable_path, profile_paths, resolve
-from kdlib.runs import write_yaml
 
 SOURCES = ("phantom", "nifti", "h5")
 MANIFEST = "manifest.yaml"

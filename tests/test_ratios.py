@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,11 +27,3 @@ def test_in_ratios_selects_rows_with_the_natural_ratio_as_missing():
     assert in_ratios(col, [None, 1]).tolist() == [True, False, True, False, True]
     assert in_ratios(col, []).tolist() == [False] * 5
 
-
-def test_importing_it_loads_no_statistics_or_torch():
-    """Why the module exists: the training notebooks select rows without scipy.stats."""
-    code = "import sys, kdlib.ratios; print(sorted({'scipy.stats', 'torch'} & set(sys.modules)))"
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          env={**os.environ, "PYTHONPATH": str(root)})
-    assert done.stdout.strip() == "[]"

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from kdlib.config import write_yaml
 from kdlib.errors import RunError
 from kdlib.runs import (
     RUN_FILES,
@@ -19,7 +20,6 @@ from kdlib.runs import (
     is_finished,
     save_atomic,
     teacher_dir,
-    write_yaml,
 )
 
 

@@ -23,8 +23,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import kdlib
@@ -134,6 +132,9 @@ def resize_slices(image: np.ndarray, seg: np.ndarray, size: int) -> tuple[np.nda
 
     Images: bilinear with antialiasing (a real resampling, unlike np.resize); masks: nearest.
     """
+    import torch  # here: reading a cache needs no torch (notebook 01 starts 1.2 s sooner)
+    import torch.nn.functional as F
+
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(3, 0, 1, 2)))
     m = torch.from_numpy(np.ascontiguousarray(seg.transpose(2, 0, 1)[:, None].astype(np.float32)))
     if x.shape[-1] != size or x.shape[-2] != size:
@@ -192,6 +193,8 @@ def process_subject(
 
 
 def _init_worker() -> None:
+    import torch
+
     torch.set_num_threads(1)
     exit_with_parent()
 
