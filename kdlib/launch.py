@@ -270,15 +270,17 @@ def _submit(executor: Any, tasks: list[TrainTask | GroupTask]) -> list[Any]:
     return [executor.submit(t) for t in tasks]
 
 
-def _units(entries: list[PlanEntry], runs_dir: Path, group: int) -> list[list[PlanEntry]]:
+def _units(entries: list[PlanEntry], runs_dir: Path, group: int, mix_models: bool = False
+           ) -> list[list[PlanEntry]]:
     """The plan cut into what one task trains, in plan order: with group > 1, the unfinished
-    runs that can share their data in groups of at most `group` (kdlib.stacked.group_configs),
-    every other run alone."""
+    runs that can share their data in groups of at most `group` (kdlib.stacked.group_configs;
+    mix_models: students of several architectures together), every other run alone."""
     todo = [e for e in entries if not is_finished(runs_dir / e.run_id)]
     if group <= 1 or len(todo) < 2:
         return [[e] for e in entries]
     by_id = {e.run_id: e for e in todo}
-    units = [[by_id[run_id(c)] for c in g] for g in group_configs([e.config for e in todo], group)]
+    units = [[by_id[run_id(c)] for c in g]
+             for g in group_configs([e.config for e in todo], group, mix_models)]
     grouped = {e.run_id for u in units for e in u}
     first = {e.run_id: i for i, e in enumerate(entries)}
     units += [[e] for e in entries if e.run_id not in grouped]
@@ -319,9 +321,10 @@ def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = N
     executor: anything with `submit(fn)` returning a future or a submitit job; None = a
     `local_executor(devices)` made and shut down here (devices None: `default_devices()`; empty
     or one device: this process). group: runs that share their data (one student architecture
-    on one fold, ratio and seed: baselines and distillers) are trained together, at most this
-    many per task, by `kdlib.stacked.fit_group` (a GroupTask; the same numbers as alone, see
-    there); 1 trains each run alone (a TrainTask). A group starts when all its members' teachers
+    on one fold, ratio and seed: baselines and distillers; on CPU workers of this launch, the
+    students of every architecture) are trained together, at most this many per task, by
+    `kdlib.stacked.fit_group` (a GroupTask; the same numbers as alone, see there); 1 trains each
+    run alone (a TrainTask). A group starts when all its members' teachers
     are finished. slots: at most this many tasks handed over at once (default: twice a process
     pool's workers, one queued behind each so that none waits for this loop; else no limit: a
     cluster queues them itself); the ready tasks that others wait for go first, so that students
@@ -336,17 +339,21 @@ def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = N
     if own:
         devices = default_devices() if devices is None else list(devices)
         executor = local_executor(devices, threads) if devices else InlineExecutor()
+    # CPU workers train a group's runs one after the other: its models may differ, and students
+    # of several sizes then share each teacher pass
+    cpu = own and bool(devices) and all(d == "cpu" for d in devices)
     inline = isinstance(executor, InlineExecutor)
     workers = getattr(executor, "_max_workers", None)  # a ProcessPoolExecutor's
     slots = slots or (2 * workers if workers else None)
     needed_by = Counter(d for e in entries for d in e.depends_on)
     order = {e.run_id: i for i, e in enumerate(entries)}
     results: dict[str, RunResult] = {}
-    waiting = dict(enumerate(_units(entries, runs_dir, group)))
+    waiting = dict(enumerate(_units(entries, runs_dir, group, mix_models=cpu)))
     ready: list[list[PlanEntry]] = []
     for d in {d for e in entries for d in e.depends_on} - set(order):  # a teacher not given
         results[d] = RunResult(d, "done" if is_finished(runs_dir / d) else "missing")
     running: dict[Any, list[str]] = {}
+    spread = False  # the last groups were cut for the workers (once: halves are not cut again)
     bar = tqdm(total=len(entries), desc="runs", unit="run", disable=not progress)
 
     def settle(result: RunResult) -> None:
@@ -376,8 +383,8 @@ def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = N
                     if unit:
                         ready.append(unit)
             ready.sort(key=priority)
-            if workers and not waiting:  # the launch's tail: no run left waits for a teacher
-                ready = _spread(ready, workers)
+            if workers and not spread and not waiting and 0 < len(ready) < workers:
+                ready, spread = _spread(ready, workers), True  # the launch's tail, cut once
             free = len(ready) if slots is None else max(0, slots - len(running))
             batch, ready = ready[:free], ready[free:]
             tasks = [_task(unit, runs_dir, progress and inline, threads) for unit in batch]

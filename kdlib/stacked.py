@@ -6,7 +6,8 @@ stopping. `fit_group` trains them in one process: each augmented batch is made o
 teacher's forward runs once per batch for all its students, and the students' forward/backward is
 one `torch.func.vmap` over their stacked parameters on a GPU (kdlib.stack; on the CPU the students
 run one after the other on the shared batch, since oneDNN's grouped convolutions are slower than
-separate ones). Each run keeps its own criterion, AdamW, schedule and gradient scaler (as
+separate ones). Run one after the other, students of different architectures can share a group
+too (`mix_models`: the CPU launcher's choice), so that their common teachers run once per batch. Each run keeps its own criterion, AdamW, schedule and gradient scaler (as
 `kdlib.train.fit` builds them), early stopping, best epoch, checkpoint and run folder, and ends with the numbers `fit`
 gives (bit for bit on the CPU, up to float rounding when vectorised). `group_configs` partitions
 a plan into such groups.
@@ -68,27 +69,38 @@ GROUP_SETTINGS: tuple[str, ...] = (
     "compile")
 """Settings every run of a group shares: the same data, order, augmentation and architecture.
 Losses, distillers, teachers, lr, weight decay, warm-up, patience, select_metric and posthoc_tau
-may differ. A cosine head (ldam_drw) is another architecture, so it forms groups of its own."""
+may differ. A cosine head (ldam_drw) is another architecture, so it forms groups of its own.
+With mix_models, model and weights may differ (and the head), the memory format may not."""
+MODEL_SETTINGS: tuple[str, ...] = ("model", "weights")
 
 
 # ---------------------------------------------------------------- grouping
 
 
-def group_key(cfg: TrainConfig) -> dict[str, Any]:
-    """The values of GROUP_SETTINGS (data paths normalised as in the run id) plus the head kind."""
+def group_key(cfg: TrainConfig, mix_models: bool = False) -> dict[str, Any]:
+    """The values of GROUP_SETTINGS (data paths normalised as in the run id) plus the head kind;
+    mix_models: without the model settings and head, with the memory format on the CPU instead
+    (runs trained one after the other share the batch in one format)."""
     ident = config_identity(cfg)  # cache and splits as the run id sees them
     key = {k: ident.get(k, getattr(cfg, k)) for k in GROUP_SETTINGS if k not in EXECUTION_SETTINGS}
-    key.update({k: getattr(cfg, k) for k in EXECUTION_SETTINGS},
-               head="cosine" if needs_cosine_head(cfg.task_loss) else "linear")
-    return key
+    key.update({k: getattr(cfg, k) for k in EXECUTION_SETTINGS})
+    if not mix_models:
+        return {**key, "head": "cosine" if needs_cosine_head(cfg.task_loss) else "linear"}
+    key = {k: v for k, v in key.items() if k not in MODEL_SETTINGS}
+    return {**key, "channels_last": uses_channels_last(torch.device("cpu"), cfg.model)}
 
 
-def check_group(cfgs: Sequence[TrainConfig]) -> None:
+def mixes_models(cfgs: Sequence[TrainConfig]) -> bool:
+    """True when the runs differ in model, weights or head kind."""
+    return len({repr(group_key(c)) for c in cfgs}) > len({repr(group_key(c, True)) for c in cfgs})
+
+
+def check_group(cfgs: Sequence[TrainConfig], mix_models: bool = False) -> None:
     """ConfigError naming the first setting in which two runs differ that must be shared, or a
     run that distils from a teacher trained in the same group."""
-    first = group_key(cfgs[0])
+    first = group_key(cfgs[0], mix_models)
     for cfg in cfgs[1:]:
-        key = group_key(cfg)
+        key = group_key(cfg, mix_models)
         for name, value in key.items():
             if value != first[name]:
                 raise ConfigError(
@@ -104,13 +116,15 @@ def check_group(cfgs: Sequence[TrainConfig]) -> None:
                               "(kdlib.stacked.group_configs orders them)")
 
 
-def group_configs(cfgs: Sequence[TrainConfig | dict], max_size: int | None = None
-                  ) -> list[list[TrainConfig]]:
+def group_configs(cfgs: Sequence[TrainConfig | dict], max_size: int | None = None,
+                  mix_models: bool = False) -> list[list[TrainConfig]]:
     """Partition runs into groups `fit_group` can train, each at most `max_size` runs, listed so
     that every run comes after the group of its teacher (when the teacher is among `cfgs`).
 
     Runs with the same GROUP_SETTINGS and head kind form one group (baselines and distillers of a
-    student together: the group then waits for their teachers); teachers of runs in `cfgs` are
+    student together: the group then waits for their teachers; with mix_models, the runs of every
+    architecture on the same data, teachers excepted, for training one after the other, so that
+    students of several sizes share their teachers' passes); teachers of runs in `cfgs` are
     grouped apart from the other runs, and a run is never in its teacher's group. Should the
     groups' teachers form a cycle, runs are grouped per teacher depth instead. Duplicates (same
     run id) are dropped.
@@ -123,7 +137,8 @@ def group_configs(cfgs: Sequence[TrainConfig | dict], max_size: int | None = Non
     parent = {rid: Path(c.teacher).name for rid, c in by_id.items()
               if c.teacher and Path(c.teacher).name in by_id}
     teachers = set(parent.values())  # grouped apart from students: never wait for another teacher
-    keys = {rid: repr((sorted(group_key(c).items()), rid in teachers)) for rid, c in by_id.items()}
+    keys = {rid: repr((sorted(group_key(c, mix_models and rid not in teachers).items()),
+                       rid in teachers)) for rid, c in by_id.items()}
 
     def depth(rid: str, same_key: bool) -> int:  # teachers above rid (of its own kind only)
         t, n = parent.get(rid), 0
@@ -189,7 +204,8 @@ def fit_group(cfgs: Sequence[TrainConfig | dict | str | Path], runs_dir: str | P
 
     ConfigError when the runs cannot share a group (see `group_configs`); RunError naming the runs
     whose loss became non-finite, after the others are finished. vectorise: one vmapped
-    forward/backward for all runs (default: on CUDA only). Models that draw random numbers in
+    forward/backward for all runs (default: on CUDA, when the runs share their model; runs of
+    several models are trained one after the other, with fit's numbers). Models that draw random numbers in
     training, or that vmap cannot run when vectorised (see `kdlib.stack.stack_problem`), are
     trained one by one with `fit`, said in a log line. Training holds every run's lock, as `fit`
     does (kdlib.lock). history.csv's time_s is the group's epoch time divided by its runs (their
@@ -198,7 +214,8 @@ def fit_group(cfgs: Sequence[TrainConfig | dict | str | Path], runs_dir: str | P
     cfgs = [load_train_config(c) for c in cfgs]
     if not cfgs:
         return []
-    check_group(cfgs)
+    mixed = mixes_models(cfgs) and not vectorise
+    check_group(cfgs, mix_models=mixed)
     runs_dir = Path(runs_dir)
     ids = [run_id(c) for c in cfgs]
     todo = list({rid: c for rid, c in zip(ids, cfgs)
@@ -206,7 +223,7 @@ def fit_group(cfgs: Sequence[TrainConfig | dict | str | Path], runs_dir: str | P
     if not todo:
         return [runs_dir / rid for rid in ids]
     device = resolve_device(todo[0].device)
-    vectorise = device.type == "cuda" if vectorise is None else vectorise
+    vectorise = device.type == "cuda" and not mixed if vectorise is None else vectorise
     with determinism(todo[0].deterministic, device):  # restores the process's switches
         try:
             with contextlib.ExitStack() as locks:  # fit's run locks, in one order: no deadlock
@@ -279,12 +296,16 @@ def _fit_stacked(cfgs: list[TrainConfig], runs_dir: Path, device: torch.device,
     """Train the group; or return why it cannot be trained together (nothing written then)."""
     cfg = cfgs[0]
     nhwc = uses_channels_last(device, cfg.model)
+    if any(uses_channels_last(device, c.model) != nhwc for c in cfgs):
+        return f"its models do not share one memory format on {device}"
     members = [_member(c, runs_dir, device) for c in cfgs]
     data = fold_data(cfg, device)
     (_, x_train, y_train), (_, x_val, y_val) = data["train"], data["val"]
     problem = "compile: true compiles each model on its own" if cfg.compile else None
-    if problem is None and len(x_train) > 1:
-        problem = stack_problem(members[0].model, x_train, vectorise)
+    if problem is None and len(x_train) > 1:  # one model of each architecture
+        kinds = {(m.cfg.model, needs_cosine_head(m.cfg.task_loss)): m.model for m in members}
+        problem = next(filter(None, (stack_problem(k, x_train, vectorise)
+                                     for k in kinds.values())), None)
     if problem:
         return problem
     counts = loader.class_counts(y_train)

@@ -145,6 +145,9 @@ def test_runs_sharing_their_data_go_as_one_group_after_all_their_teachers(grid, 
 class PoolHandExecutor(HandExecutor):
     _max_workers = 2  # seen by launch as a pool of two workers
 
+    def shutdown(self, *args, **kwargs) -> None:
+        pass
+
 
 def test_the_last_group_is_shared_out_to_the_idle_workers(grid, tmp_path):
     """With a pool of two, the students' group (the last task of the launch) goes as two halves:
@@ -165,6 +168,26 @@ def test_the_last_group_is_shared_out_to_the_idle_workers(grid, tmp_path):
     assert [r.status for r in out["result"].values()] == ["trained"] * 5
 
 
+def test_the_tail_is_cut_once_not_again_when_slots_hold_a_half_back(grid, tmp_path):
+    """One slot: the four students' group goes as two halves, one after the other; the half left
+    waiting for the slot is not cut again."""
+    b2 = cfg(task_loss="weighted_ce")
+    plan = make_plan([*(grid[k][0] for k in ("s1", "s2", "t1", "t2", "b")), b2])
+    ex = PoolHandExecutor()
+    thread, out = in_thread(lambda: launch(plan, tmp_path, ex, slots=1, progress=False,
+                                           poll_s=0.01))
+    for n, rid in enumerate((grid["t1"][1], grid["t2"][1]), 1):
+        assert ex.wait_for(n)[-1] == rid
+        ex.finish(rid)
+    first = ex.wait_for(3)[2]
+    ex.futures[first].set_result([RunResult(rid, "trained") for rid in first.split("+")])
+    second = ex.wait_for(4)[3]
+    ex.futures[second].set_result([RunResult(rid, "trained") for rid in second.split("+")])
+    thread.join(30)
+    assert [len(k.split("+")) for k in (first, second)] == [2, 2]
+    assert len(ex.submitted) == 4 and len(out["result"]) == 6
+
+
 def test_spread_halves_the_largest_group_until_each_worker_has_one(grid):
     plan = {e.run_id: e for e in make_plan([v for v, _ in grid.values()])}
     a, b, c, d, e = plan.values()
@@ -176,6 +199,30 @@ def test_spread_halves_the_largest_group_until_each_worker_has_one(grid):
     assert sizes(L._spread([[a], [b]], 4)) == [1, 1]  # single runs cannot be cut
     assert L._spread([], 2) == []
     assert L._spread([[a, b, c, d, e]], 5)[0] == [a]  # halves keep the plan's order
+
+
+def test_cpu_workers_train_students_of_several_models_in_one_group(grid, tmp_path, monkeypatch):
+    """The launcher's own CPU workers: the cnn_s student joins the cnn_xs students' group (they
+    share each batch and each teacher pass); not so on the devices of another executor."""
+    ids = {k: rid for k, (_, rid) in grid.items()}
+    s3 = cfg(model="cnn_s", distiller="kd", teacher=ids["t1"])
+    plan = make_plan([*(grid[k][0] for k in ("s1", "s2", "t1", "t2", "b")), s3])
+    students = {ids["s1"], ids["s2"], ids["b"], run_id(s3)}
+    assert sorted(len(u) for u in L._units(plan, tmp_path, 8)) == [1, 1, 1, 3]
+    mixed = L._units(plan, tmp_path, 8, mix_models=True)
+    assert {e.run_id for u in mixed if len(u) == 4 for e in u} == students
+    ex = PoolHandExecutor()
+    monkeypatch.setattr(L, "local_executor", lambda devices, threads: ex)
+    thread, out = in_thread(lambda: launch(plan, tmp_path, devices=["cpu", "cpu"], slots=4,
+                                           progress=False, poll_s=0.01))
+    for rid in ex.wait_for(2):
+        ex.finish(rid)
+    halves = ex.wait_for(4)[2:]  # the tail cut for the two workers: two halves of one group
+    assert {rid for h in halves for rid in h.split("+")} == students
+    for h in halves:
+        ex.futures[h].set_result([RunResult(rid, "trained") for rid in h.split("+")])
+    thread.join(30)
+    assert {r.status for r in out["result"].values()} == {"trained"}
 
 
 def test_groups_are_cut_to_the_group_size(grid, tmp_path):

@@ -209,19 +209,45 @@ def test_group_configs_breaks_a_cycle_between_groups_by_teacher_depth(data):
     assert sorted(groups[4]) == sorted(ids(last))
 
 
-@pytest.mark.parametrize("over, match", [
-    ({"fold": 1}, r"fold is 0 in one and 1"),
-    ({"seed": 3}, r"seed is 0 in one and 3"),
-    ({"model": "cnn_s"}, r"model is 'cnn_xs' in one and 'cnn_s'"),
-    ({"batch_size": 4}, r"batch_size"),
-    ({"task_loss": "ldam_drw"}, r"head is 'linear' in one and 'cosine'"),
-    ({"augment": False}, r"augment"),
-    ({"repeat": 1}, r"repeat is 0 in one and 1"),
-    ({"compile": True}, r"compile is False in one and True"),
+@pytest.mark.parametrize("over, match, vectorise", [
+    ({"fold": 1}, r"fold is 0 in one and 1", None),
+    ({"seed": 3}, r"seed is 0 in one and 3", None),
+    ({"model": "cnn_s"}, r"model is 'cnn_xs' in one and 'cnn_s'", True),  # vmap: one model
+    ({"batch_size": 4}, r"batch_size", None),
+    ({"task_loss": "ldam_drw"}, r"head is 'linear' in one and 'cosine'", True),
+    ({"augment": False}, r"augment", None),
+    ({"repeat": 1}, r"repeat is 0 in one and 1", None),
+    ({"compile": True}, r"compile is False in one and True", None),
 ])
-def test_runs_that_cannot_share_a_group_are_rejected(data, tmp_path, over, match):
+def test_runs_that_cannot_share_a_group_are_rejected(data, tmp_path, over, match, vectorise):
     with pytest.raises(ConfigError, match=rf"cannot be trained together: {match}.*group_configs"):
-        fit_group([tiny_config(*data), tiny_config(*data, **over)], tmp_path, progress=False)
+        fit_group([tiny_config(*data), tiny_config(*data, **over)], tmp_path, progress=False,
+                  vectorise=vectorise)
+    assert not list(tmp_path.iterdir())
+
+
+def test_students_of_several_models_one_after_the_other_equal_runs_alone(data, teacher,
+                                                                         tmp_path):
+    """The CPU launcher's groups (mix_models): cnn_xs and cnn_s students, and a cosine head, share
+    one batch sequence and one teacher pass per step, each with fit's numbers bit for bit."""
+    cfgs = [tiny_config(*data, distiller="kd", teacher=str(teacher)),
+            tiny_config(*data, model="cnn_s", distiller="kd", teacher=str(teacher)),
+            tiny_config(*data, model="cnn_s", task_loss="focal"),  # not the teacher's config
+            tiny_config(*data, task_loss="ldam_drw")]
+    assert len(group_configs(cfgs)) == 3 and len(group_configs(cfgs, mix_models=True)) == 1
+    group = fit_group(cfgs, tmp_path / "group", progress=False)  # the CPU: one after the other
+    alone = [fit(c, tmp_path / "alone", progress=False) for c in cfgs]
+    for g, a in zip(group, alone):
+        _same_run(g, a)
+
+
+def test_models_of_two_memory_formats_are_not_trained_together(data, tmp_path):
+    """On the CPU the ladder CNNs train channels-last and torchvision's models do not: the
+    launcher never groups them, and fit_group trains such runs one by one."""
+    cfgs = [load_train_config(tiny_config(*data, model=m)) for m in ("cnn_xs", "resnet18")]
+    assert len(group_configs(cfgs, mix_models=True)) == 2
+    problem = kdlib.stacked._fit_stacked(cfgs, tmp_path, torch.device("cpu"), False, False)
+    assert problem == "its models do not share one memory format on cpu"
     assert not list(tmp_path.iterdir())
 
 
