@@ -3,7 +3,8 @@
 `launch(entries, runs_dir, executor)` is a dependency-graph scheduler: a run is handed to the
 executor as soon as the plan runs it depends on (its teacher) are finished, without waiting for
 the rest of their level; with a pool of workers, the ready runs that others wait for go first,
-and at the end the last groups are cut so that no worker waits while another trains them.
+then the larger groups, and at the end the last group is cut so that no worker waits while another
+trains it.
 Runs that share their data (the baselines and distillers of one student on one fold) are trained
 together in one task (`kdlib.stacked.fit_group`: one batch and one teacher pass for all). Executors: local worker processes (`local_executor`: one pinned worker
 per listed device, or N single-threaded CPU workers; long-lived, so a worker's caches serve many
@@ -328,7 +329,7 @@ def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = N
     are finished. slots: at most this many tasks handed over at once (default: twice a process
     pool's workers, one queued behind each so that none waits for this loop; else no limit: a
     cluster queues them itself); the ready tasks that others wait for go first, so that students
-    become ready early. check: raise RunError with the `summary` when a run failed.
+    become ready early, then the larger groups. check: raise RunError with the `summary` when a run failed.
     """
     entries = list(entries)
     runs_dir = Path(runs_dir)
@@ -362,8 +363,11 @@ def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = N
         if result.status in ("failed", "skipped"):
             bar.write(f"{result.run_id}: {result.status}: {result.error}")
 
-    def priority(unit: list[PlanEntry]) -> tuple[int, int]:
-        return -sum(needed_by[e.run_id] for e in unit), min(order[e.run_id] for e in unit)
+    def priority(unit: list[PlanEntry]) -> tuple[int, int, int]:
+        """Runs others wait for first, then larger groups (the longest tasks first: Graham's
+        LPT rule keeps the end of a launch short), then plan order."""
+        return (-sum(needed_by[e.run_id] for e in unit), -len(unit),
+                min(order[e.run_id] for e in unit))
 
     try:
         while waiting or ready or running:

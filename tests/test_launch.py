@@ -225,6 +225,21 @@ def test_cpu_workers_train_students_of_several_models_in_one_group(grid, tmp_pat
     assert {r.status for r in out["result"].values()} == {"trained"}
 
 
+def test_larger_groups_go_first_among_runs_nobody_waits_for(tmp_path):
+    small = cfg(fold=0)  # first in the plan
+    large = [cfg(fold=1), cfg(fold=1, task_loss="focal"), cfg(fold=1, task_loss="weighted_ce")]
+    plan = make_plan([small, *large])
+    ex = HandExecutor()
+    thread, out = in_thread(lambda: launch(plan, tmp_path, ex, progress=False, poll_s=0.01))
+    first, second = ex.wait_for(2)
+    assert first == "+".join(e.run_id for e in plan if e.run_id != run_id(small))
+    assert second == run_id(small)
+    ex.futures[first].set_result([RunResult(rid, "trained") for rid in first.split("+")])
+    ex.finish(second)
+    thread.join(30)
+    assert {r.status for r in out["result"].values()} == {"trained"}
+
+
 def test_groups_are_cut_to_the_group_size(grid, tmp_path):
     ids = {k: rid for k, (_, rid) in grid.items()}
     plan = make_plan([grid[k][0] for k in ("s1", "s2", "t1", "t2", "b")])
