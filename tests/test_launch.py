@@ -145,8 +145,8 @@ def test_runs_sharing_their_data_go_as_one_group_after_all_their_teachers(grid, 
 class PoolHandExecutor(HandExecutor):
     _max_workers = 2  # seen by launch as a pool of two workers
 
-    def shutdown(self, *args, **kwargs) -> None:
-        pass
+    def shutdown(self, wait: bool = True, **kwargs) -> None:
+        self.waited = wait
 
 
 def test_the_last_group_is_shared_out_to_the_idle_workers(grid, tmp_path):
@@ -223,6 +223,7 @@ def test_cpu_workers_train_students_of_several_models_in_one_group(grid, tmp_pat
         ex.futures[h].set_result([RunResult(rid, "trained") for rid in h.split("+")])
     thread.join(30)
     assert {r.status for r in out["result"].values()} == {"trained"}
+    assert ex.waited is False  # its own workers exit in the background once all is done
 
 
 def test_larger_groups_go_first_among_runs_nobody_waits_for(tmp_path):
