@@ -13,6 +13,9 @@ from typing import Any
 
 import nbformat
 import papermill
+from jupyter_client.blocking import BlockingKernelClient
+from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.utils import run_sync
 from papermill.exceptions import PapermillExecutionError
 
 from kdlib.errors import ConfigError, RunError
@@ -155,29 +158,81 @@ def run_profile(
             os.environ[STATIC_ENV] = previous
 
 
+WARM_IMPORTS = "import matplotlib.pyplot, pandas, torch"
+"""What a notebook's kernel imports before the notebook runs (its first cell imports them again,
+at no cost): 1.5 s of start-up that overlaps the notebook before it."""
+
+
+class _Kernel(AsyncKernelManager):
+    """A kernel manager that remembers the clients made for it: nbclient leaves open the client
+    of a kernel it did not start, so `stop_kernel` closes them."""
+
+    def client(self, **kwargs: Any) -> Any:
+        kc = super().client(**kwargs)
+        self.__dict__.setdefault("clients", []).append(kc)
+        return kc
+
+
+def start_kernel(cwd: Path) -> _Kernel:
+    """A fresh python3 kernel in `cwd`, already importing WARM_IMPORTS (asynchronously: the call
+    returns at once)."""
+    km = _Kernel(kernel_name="python3")
+    run_sync(km.start_kernel)(cwd=str(cwd), extra_arguments=["--HistoryManager.hist_file=:memory:"])
+    kc = BlockingKernelClient()
+    kc.load_connection_info(km.get_connection_info())
+    km.__dict__.setdefault("clients", []).append(kc)
+    kc.start_channels()
+    kc.execute(WARM_IMPORTS, silent=True, store_history=False)
+    return km
+
+
+def stop_kernel(km: _Kernel | None) -> None:
+    """Stop a kernel of `start_kernel` at once, with its process group, and close its clients.
+
+    At once: the notebook's copy is saved after every cell, and a graceful stop costs 1-3 s
+    (interpreter teardown; a kernel that used multiprocessing also waits 2.5 s on the resource
+    tracker, which ignores the SIGTERM ipykernel sends its children)."""
+    if km is None:
+        return
+    for kc in km.__dict__.get("clients", []):
+        kc.stop_channels()
+    if run_sync(km.is_alive)():
+        run_sync(km.shutdown_kernel)(now=True)
+    else:
+        run_sync(km.cleanup_resources)()
+
+
 def _execute(plan: list[tuple[Path, dict[str, Any]]], name: str, out_dir: Path, log_output: bool,
              progress_bar: bool) -> list[Path]:
-    """papermill.execute_notebook for each (notebook, parameters), cwd = the notebook's folder."""
-    done = []
-    for nb, params in plan:
-        out = out_dir / nb.name
-        print(f"\n=== {nb.name}  ({name}; {params}) -> {out}", flush=True)
-        try:
-            papermill.execute_notebook(
-                str(nb), str(out), parameters=params, kernel_name="python3",
-                log_output=log_output, progress_bar=progress_bar, cwd=str(nb.parent),
-                # The copy is saved after every cell: stop the kernel (its process group) at
-                # once. A graceful stop costs 1-3 s per notebook: interpreter teardown, and a
-                # kernel that used multiprocessing waits 2.5 s on the resource tracker, which
-                # ignores the SIGTERM ipykernel sends its children.
-                shutdown_kernel="immediate",
-            )
-        except PapermillExecutionError as err:
-            raise RunError(
-                f"{nb.name} failed in cell [{err.exec_count}] (cell index {err.cell_index}): "
-                f"{err.ename}: {err.evalue}\nThe executed copy with the full traceback is {out}"
-            ) from None
-        done.append(out)
+    """papermill.execute_notebook for each (notebook, parameters), cwd = the notebook's folder,
+    each in a fresh kernel started while the notebook before it runs."""
+    done: list[Path] = []
+    kernel = start_kernel(plan[0][0].parent) if plan else None
+    upcoming = None
+    try:
+        for i, (nb, params) in enumerate(plan):
+            out = out_dir / nb.name
+            print(f"\n=== {nb.name}  ({name}; {params}) -> {out}", flush=True)
+            if i + 1 < len(plan):
+                upcoming = start_kernel(plan[i + 1][0].parent)
+            try:
+                papermill.execute_notebook(
+                    str(nb), str(out), parameters=params, kernel_name="python3",
+                    log_output=log_output, progress_bar=progress_bar, cwd=str(nb.parent),
+                    km=kernel,
+                )
+            except PapermillExecutionError as err:
+                raise RunError(
+                    f"{nb.name} failed in cell [{err.exec_count}] (cell index {err.cell_index}): "
+                    f"{err.ename}: {err.evalue}\nThe executed copy with the full traceback is {out}"
+                ) from None
+            finally:
+                stop_kernel(kernel)
+                kernel, upcoming = upcoming, None
+            done.append(out)
+    finally:
+        stop_kernel(kernel)
+        stop_kernel(upcoming)
     return done
 
 

@@ -319,6 +319,8 @@ def test_run_profile_failure_names_the_notebook_and_the_copy(tmp_path, monkeypat
     folder.mkdir()
     write_notebook(folder / "00_boom.ipynb", "x: int = 1", "y = x + 1",
                    "raise ValueError('boom 7')")
+    write_notebook(folder / "01_never.ipynb", "x: int = 1", "print(x)")
+    children = set(psutil.Process().children(recursive=True))
     with pytest.raises(RunError) as err:
         run_profile(str(_profile_file(tmp_path)), notebooks_dir=folder, log_output=False,
                     progress_bar=False)
@@ -326,4 +328,25 @@ def test_run_profile_failure_names_the_notebook_and_the_copy(tmp_path, monkeypat
     out = tmp_path / "home" / "runs" / "tiny" / "notebooks" / "00_boom.ipynb"
     assert msg.startswith("00_boom.ipynb failed in cell")
     assert "ValueError: boom 7" in msg and str(out) in msg
-    assert out.is_file()
+    assert out.is_file() and not out.with_name("01_never.ipynb").exists()
+    # both kernels (the failed notebook's and the one started for the next) are stopped
+    started = set(psutil.Process().children(recursive=True)) - children
+    assert psutil.wait_procs(started, timeout=5)[1] == []
+
+
+def test_each_notebook_gets_a_fresh_kernel_started_before_its_turn(tmp_path, monkeypatch):
+    """The next notebook's kernel starts, importing WARM_IMPORTS, while the current one runs; it
+    is another process and holds nothing of the notebook before it."""
+    monkeypatch.setenv("KDLIB_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(STATIC_ENV, raising=False)
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    show = "import os, sys\nprint(os.getpid(), 'secret' in dir(), 'torch' in sys.modules)"
+    write_notebook(folder / "00_a.ipynb", "x: int = 1", "secret = 41\n" + show)
+    write_notebook(folder / "01_b.ipynb", "x: int = 1", show)
+    done = run_profile(str(_profile_file(tmp_path)), notebooks_dir=folder, log_output=False,
+                       progress_bar=False)
+    printed = [nbformat.read(str(p), as_version=4).cells[-1].outputs[0]["text"].split()
+               for p in done]
+    assert printed[0][1:] == ["True", "True"] and printed[1][1:] == ["False", "True"]
+    assert printed[0][0] != printed[1][0]
