@@ -329,7 +329,8 @@ def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = N
     are finished. slots: at most this many tasks handed over at once (default: twice a process
     pool's workers, one queued behind each so that none waits for this loop; else no limit: a
     cluster queues them itself); the ready tasks that others wait for go first, so that students
-    become ready early, then the larger groups. check: raise RunError with the `summary` when a run failed.
+    become ready early, then the larger groups. check: raise RunError with the `summary` when a
+    run failed.
     """
     entries = list(entries)
     runs_dir = Path(runs_dir)
@@ -342,14 +343,14 @@ def launch(entries: Iterable[PlanEntry], runs_dir: str | Path, executor: Any = N
         executor = local_executor(devices, threads) if devices else InlineExecutor()
     # CPU workers train a group's runs one after the other: its models may differ, and students
     # of several sizes then share each teacher pass
-    cpu = own and bool(devices) and all(d == "cpu" for d in devices)
+    mix_models = own and bool(devices) and all(d == "cpu" for d in devices)
     inline = isinstance(executor, InlineExecutor)
     workers = getattr(executor, "_max_workers", None)  # a ProcessPoolExecutor's
     slots = slots or (2 * workers if workers else None)
     needed_by = Counter(d for e in entries for d in e.depends_on)
     order = {e.run_id: i for i, e in enumerate(entries)}
     results: dict[str, RunResult] = {}
-    waiting = dict(enumerate(_units(entries, runs_dir, group, mix_models=cpu)))
+    waiting = dict(enumerate(_units(entries, runs_dir, group, mix_models)))
     ready: list[list[PlanEntry]] = []
     for d in {d for e in entries for d in e.depends_on} - set(order):  # a teacher not given
         results[d] = RunResult(d, "done" if is_finished(runs_dir / d) else "missing")

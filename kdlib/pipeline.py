@@ -17,6 +17,7 @@ from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.utils import run_sync
 from papermill.exceptions import PapermillExecutionError
+from traitlets import List
 
 from kdlib.errors import ConfigError, RunError
 from kdlib.experiment import Experiment, record_experiment
@@ -167,9 +168,11 @@ class _Kernel(AsyncKernelManager):
     """A kernel manager that remembers the clients made for it: nbclient leaves open the client
     of a kernel it did not start, so `stop_kernel` closes them."""
 
+    clients = List()
+
     def client(self, **kwargs: Any) -> Any:
         kc = super().client(**kwargs)
-        self.__dict__.setdefault("clients", []).append(kc)
+        self.clients.append(kc)
         return kc
 
 
@@ -180,7 +183,7 @@ def start_kernel(cwd: Path) -> _Kernel:
     run_sync(km.start_kernel)(cwd=str(cwd), extra_arguments=["--HistoryManager.hist_file=:memory:"])
     kc = BlockingKernelClient()
     kc.load_connection_info(km.get_connection_info())
-    km.__dict__.setdefault("clients", []).append(kc)
+    km.clients.append(kc)
     kc.start_channels()
     kc.execute(WARM_IMPORTS, silent=True, store_history=False)
     return km
@@ -194,7 +197,7 @@ def stop_kernel(km: _Kernel | None) -> None:
     tracker, which ignores the SIGTERM ipykernel sends its children)."""
     if km is None:
         return
-    for kc in km.__dict__.get("clients", []):
+    for kc in km.clients:
         kc.stop_channels()
     if run_sync(km.is_alive)():
         run_sync(km.shutdown_kernel)(now=True)
@@ -207,15 +210,15 @@ def _execute(plan: list[tuple[Path, dict[str, Any]]], name: str, out_dir: Path, 
     """papermill.execute_notebook for each (notebook, parameters), cwd = the notebook's folder,
     each in a fresh kernel started while the notebook before it runs."""
     done: list[Path] = []
-    kernel = start_kernel(plan[0][0].parent) if plan else None
-    upcoming = None
+    upcoming = start_kernel(plan[0][0].parent) if plan else None
     try:
         for i, (nb, params) in enumerate(plan):
             out = out_dir / nb.name
             print(f"\n=== {nb.name}  ({name}; {params}) -> {out}", flush=True)
-            if i + 1 < len(plan):
-                upcoming = start_kernel(plan[i + 1][0].parent)
+            kernel, upcoming = upcoming, None
             try:
+                if i + 1 < len(plan):  # starts, and imports, while this notebook runs
+                    upcoming = start_kernel(plan[i + 1][0].parent)
                 papermill.execute_notebook(
                     str(nb), str(out), parameters=params, kernel_name="python3",
                     log_output=log_output, progress_bar=progress_bar, cwd=str(nb.parent),
@@ -228,10 +231,8 @@ def _execute(plan: list[tuple[Path, dict[str, Any]]], name: str, out_dir: Path, 
                 ) from None
             finally:
                 stop_kernel(kernel)
-                kernel, upcoming = upcoming, None
             done.append(out)
     finally:
-        stop_kernel(kernel)
         stop_kernel(upcoming)
     return done
 

@@ -214,7 +214,7 @@ def fit_group(cfgs: Sequence[TrainConfig | dict | str | Path], runs_dir: str | P
     cfgs = [load_train_config(c) for c in cfgs]
     if not cfgs:
         return []
-    mixed = mixes_models(cfgs) and not vectorise
+    mixed = mixes_models(cfgs) and vectorise is not True  # vmap runs one model only
     check_group(cfgs, mix_models=mixed)
     runs_dir = Path(runs_dir)
     ids = [run_id(c) for c in cfgs]
