@@ -371,7 +371,9 @@ def report(home: Path, profile: str, instrument: bool = True, run_id: str | None
     _print(f"training: {len(timeline)} runs on {n} worker process(es) in all, {span:.1f} s wall "
            f"({'the training cells' if windows else 'first run start to last run end'})",
            training_parts(timeline, windows, workers))
-    _print("per model", per_model(timeline))
+    _print("per model (a group's time is shared out equally among its runs, whatever their "
+           "model: with the CPU launcher's mixed groups this is not a model's own cost)",
+           per_model(timeline))
     if instrument:
         rid = pick_run(runs_dir, timeline, run_id)
         parts, total = retrain(runs_dir, rid)
