@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train
 
 from kdlib.criterion import build_criterion
-from kdlib.device import autocast_dtype, make_optimizer, uses_channels_last
+from kdlib.device import autocast_dtype, make_optimizer, to_run_device, uses_channels_last
 from kdlib.models import create_model
 from kdlib.profiles import load_profile
 from kdlib.stack import Stack, train_group_epoch
@@ -82,10 +82,9 @@ def measure(name: str, n_runs: int, teacher: str | None = None, size: int = 40, 
     crit = build_criterion("ce", distiller, torch.bincount(y.cpu(), minlength=3).tolist(), 10)
     t_net = None
     if teacher:
-        t_model = create_model(teacher, in_channels=channels).to(device)
-        if channels_last and uses_channels_last(torch.device(device), teacher):
-            t_model = t_model.to(memory_format=torch.channels_last)
-        t_net = FrozenTeacher(t_model)
+        t_model = create_model(teacher, in_channels=channels)  # fit's format, or NCHW (--nchw)
+        t_net = FrozenTeacher(to_run_device(t_model, torch.device(device), teacher)
+                              if channels_last else t_model.to(device))
     kw = {"batch_size": batch, "epoch": 1, "augment": AugmentConfig(), "amp": amp,
           "channels_last": channels_last}
     gen = torch.Generator().manual_seed(1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,11 +79,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file, then rename: a crash never leaves half a file."""
+def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then rename it to `path`: a crash never
+    leaves half a file."""
     tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text atomically (replace_atomically)."""
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_yaml(path: Path, data: Mapping[str, Any]) -> None:

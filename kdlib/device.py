@@ -99,8 +99,8 @@ def precision_name(dtype: torch.dtype | None) -> str:
 def uses_channels_last(device: torch.device, model: str) -> bool:
     """Whether a run of `model` on `device` keeps its models and batches channels-last (NHWC): on
     CUDA (tensor cores), and on the CPU for the ladder CNNs, whose training steps oneDNN runs
-    1.04-1.22x faster in NHWC (torchvision models stay NCHW there: resnet18 is 0.73x at 40 px;
-    benchmarks/bench_train.py). NHWC sums in another order: the numbers agree with NCHW's to
+    1.06-1.22x faster in NHWC at 40 px (torchvision models stay NCHW there: resnet18 is 0.73x;
+    benchmarks/bench_train.py --size 40). NHWC sums in another order: the numbers agree with NCHW's to
     floating-point tolerance, not bit for bit."""
     return device.type == "cuda" or (device.type == "cpu" and model in LADDER_BUILDERS)
 

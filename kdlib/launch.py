@@ -4,11 +4,11 @@
 executor as soon as the plan runs it depends on (its teacher) are finished, without waiting for
 the rest of their level; with a pool of workers, the ready runs that others wait for go first,
 then the larger groups, and at the end the last group is cut so that no worker waits while another
-trains it.
-Runs that share their data (the baselines and distillers of one student on one fold) are trained
-together in one task (`kdlib.stacked.fit_group`: one batch and one teacher pass for all). Executors: local worker processes (`local_executor`: one pinned worker
-per listed device, or N single-threaded CPU workers; long-lived, so a worker's caches serve many
-runs), this process (`InlineExecutor`), or Slurm through submitit (kdlib.slurm), whose preempted
+trains it. Runs that share their data (the baselines and distillers of one student on one fold;
+on the launcher's own CPU workers, the students of every size) are trained together in one task
+(`kdlib.stacked.fit_group`: one batch and one teacher pass for all). Executors: local worker
+processes (`local_executor`: one pinned worker per listed device, or N single-threaded CPU
+workers; long-lived, so a worker's caches serve many runs), this process (`InlineExecutor`), or Slurm through submitit (kdlib.slurm), whose preempted
 or timed-out jobs are requeued by `TrainTask.checkpoint` and resume from the run's checkpoint.
 A failed run (any exception, e.g. CUDA out of memory) is reported as that run's failure; the runs
 that depend on it are skipped and the others go on.

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 import kdlib
-from kdlib.config import write_text_atomic
+from kdlib.config import replace_atomically, write_text_atomic
 from kdlib.errors import RunError
 from kdlib.paths import resolve
 
@@ -105,10 +105,8 @@ def check_resume(current: dict[str, Any], saved: dict[str, Any], folder: Path) -
 
 
 def save_atomic(path: Path, obj: Any) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".part")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save atomically (kdlib.config.replace_atomically)."""
+    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def env_info(device: str = "cpu") -> dict[str, Any]:

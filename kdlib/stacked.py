@@ -7,9 +7,10 @@ teacher's forward runs once per batch for all its students, and the students' fo
 one `torch.func.vmap` over their stacked parameters on a GPU (kdlib.stack; on the CPU the students
 run one after the other on the shared batch, since oneDNN's grouped convolutions are slower than
 separate ones). Run one after the other, students of different architectures can share a group
-too (`mix_models`: the CPU launcher's choice), so that their common teachers run once per batch. Each run keeps its own criterion, AdamW, schedule and gradient scaler (as
-`kdlib.train.fit` builds them), early stopping, best epoch, checkpoint and run folder, and ends with the numbers `fit`
-gives (bit for bit on the CPU, up to float rounding when vectorised). `group_configs` partitions
+too (`mix_models`: the CPU launcher's choice), so that their common teachers run once per batch.
+Each run keeps its own criterion, AdamW, schedule and gradient scaler (as `kdlib.train.fit`
+builds them), early stopping, best epoch, checkpoint and run folder, and ends with the numbers
+`fit` gives (bit for bit on the CPU, up to float rounding when vectorised). `group_configs` partitions
 a plan into such groups.
 """
 
@@ -205,9 +206,9 @@ def fit_group(cfgs: Sequence[TrainConfig | dict | str | Path], runs_dir: str | P
     ConfigError when the runs cannot share a group (see `group_configs`); RunError naming the runs
     whose loss became non-finite, after the others are finished. vectorise: one vmapped
     forward/backward for all runs (default: on CUDA, when the runs share their model; runs of
-    several models are trained one after the other, with fit's numbers). Models that draw random numbers in
-    training, or that vmap cannot run when vectorised (see `kdlib.stack.stack_problem`), are
-    trained one by one with `fit`, said in a log line. Training holds every run's lock, as `fit`
+    several models are trained one after the other, with fit's numbers). Models that draw random
+    numbers in training, or that vmap cannot run when vectorised (see
+    `kdlib.stack.stack_problem`), are trained one by one with `fit`, said in a log line. Training holds every run's lock, as `fit`
     does (kdlib.lock). history.csv's time_s is the group's epoch time divided by its runs (their
     sum is the time spent).
     """
